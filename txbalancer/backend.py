@@ -1,0 +1,65 @@
+"""
+A backend: where it is (its spec from the backends file) and how it is
+doing right now (requests in flight, counters).
+
+Pure: no reactor, no I/O.  The pool owns the Backend objects; the proxy
+updates their live state as requests come and go.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Backend:
+    """
+    One upstream server and its live state.
+
+    @ivar spec: the L{txbalancer.config.BackendSpec} it was built from.
+    @ivar active: requests in flight to it right now.
+    @ivar requests: requests sent to it since start.
+    @ivar failures: connect failures and broken responses since start.
+    @ivar available: whether the chooser may pick it.
+    """
+
+    __slots__ = (
+        "spec",
+        "address",
+        "host",
+        "port",
+        "scheme",
+        "weight",
+        "active",
+        "requests",
+        "failures",
+        "available",
+    )
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.address: str = spec.address
+        self.host: str = spec.host
+        self.port: int = spec.port
+        self.scheme: str = spec.scheme
+        self.weight: int = spec.weight
+        self.active = 0
+        self.requests = 0
+        self.failures = 0
+        self.available = True
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.scheme}://{self.address} weight={self.weight}>"
+
+    def status(self) -> dict[str, Any]:
+        """
+        A plain dict of this backend's state, for logs and status pages.
+        """
+        return {
+            "address": self.address,
+            "scheme": self.scheme,
+            "weight": self.weight,
+            "available": self.available,
+            "active": self.active,
+            "requests": self.requests,
+            "failures": self.failures,
+        }

@@ -1,0 +1,768 @@
+"""
+The client side of the balancer: an HTTP/1.1 server protocol.
+
+twisted.web's HTTPChannel buffers a whole request body before C{render}
+and is lenient in ways a proxy cannot afford (a proxy that reads a message
+differently from the server behind it is the root of request smuggling).
+This protocol parses strictly, hands each request to a handler as soon as
+its head is complete, streams the body to it as it arrives, and frames the
+response itself.
+
+The handler contract, for one request at a time on a connection::
+
+    exchange = handler(request, server)   # head parsed, body not yet read
+    exchange.start()                      # go: pick a backend, connect
+    exchange.bodyReceived(data)           # zero or more times
+    exchange.bodyFinished()               # the whole body has arrived
+    exchange.clientGone()                 # the client went away first
+
+and the exchange answers through the server's C{sendContinue},
+C{startResponse}, C{writeBody}, C{finishResponse}, C{abortResponse} and
+C{sendError}.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Optional
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from txbalancer.headers import connectionTokens
+
+log = Logger()
+
+CRLF = b"\r\n"
+
+# RFC 9110 token characters, for methods and header names.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# Field values: visible characters, SP, HTAB and obs-text; no other CTL.
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# A request target: no CTL, no space.
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+_DIGITS = re.compile(rb"[0-9]+\Z")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+
+# Statuses whose responses never carry a body.
+NO_BODY_STATUSES = frozenset([204, 304])
+
+REASONS = {
+    100: b"Continue",
+    200: b"OK",
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+MAX_CONTENT_LENGTH = 2**63 - 1
+
+
+class BadRequest(Exception):
+    """
+    The client sent something we will not forward.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        Exception.__init__(self, status, reason)
+        self.status = status
+        self.reason = reason
+
+
+class Request:
+    """
+    The parsed head of one request.
+
+    @ivar headers: every header as C{(name, value)} in arrival order, names
+        as the client spelled them.
+    @ivar contentLength: the body length, or L{None} when chunked or absent.
+    @ivar chunked: whether the body is chunked.
+    """
+
+    __slots__ = (
+        "method",
+        "target",
+        "version",
+        "headers",
+        "host",
+        "contentLength",
+        "chunked",
+        "keepAlive",
+        "expectContinue",
+        "upgrade",
+        "peer",
+        "secure",
+        "received",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.version = b"HTTP/1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: Optional[bytes] = None
+        self.contentLength: Optional[int] = None
+        self.chunked = False
+        self.keepAlive = True
+        self.expectContinue = False
+        self.upgrade = False
+        self.peer = ""
+        self.secure = False
+        self.received = 0.0
+
+    @property
+    def hasBody(self) -> bool:
+        return self.chunked or bool(self.contentLength)
+
+
+def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
+    """
+    Parse a request head (request line and header lines, without the blank
+    line that ends it).
+
+    @raise BadRequest: for anything malformed or ambiguous.
+    """
+    lines = head.split(CRLF)
+    requestLine = lines[0]
+    parts = requestLine.split(b" ")
+    if len(parts) != 3:
+        raise BadRequest(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.match(method):
+        raise BadRequest(400, "malformed method")
+    if not target or _BAD_TARGET.search(target):
+        raise BadRequest(400, "malformed request target")
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        if version[:5] == b"HTTP/" and len(version) == 8 and version[6:7] == b".":
+            raise BadRequest(505, "unsupported HTTP version")
+        raise BadRequest(400, "malformed HTTP version")
+    request = Request()
+    request.method = method
+    request.version = version
+    if len(lines) > maxHeaders + 1:
+        raise BadRequest(431, "too many header fields")
+
+    headers = request.headers
+    contentLengths = []
+    transferEncodings = []
+    connection = []
+    hosts = []
+    expect = None
+    upgrade = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise BadRequest(400, "header line without a colon")
+        if not _TOKEN.match(name):
+            if name[:1] in (b" ", b"\t"):
+                raise BadRequest(400, "obsolete line folding in headers")
+            raise BadRequest(400, "malformed header name")
+        value = value.strip(b" \t")
+        if _BAD_VALUE.search(value):
+            raise BadRequest(400, "invalid character in header value")
+        lname = name.lower()
+        if lname == b"content-length":
+            contentLengths.append(value)
+        elif lname == b"transfer-encoding":
+            transferEncodings.append(value)
+        elif lname == b"host":
+            hosts.append(value)
+        elif lname == b"connection":
+            connection.append(value)
+        elif lname == b"expect":
+            expect = value.lower()
+        elif lname == b"upgrade":
+            upgrade = True
+        headers.append((name, value))
+
+    if transferEncodings:
+        if contentLengths:
+            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
+        if version == b"HTTP/1.0":
+            raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [
+            c.strip().lower() for te in transferEncodings for c in te.split(b",")
+        ]
+        if codings != [b"chunked"]:
+            if codings and codings[-1] == b"chunked":
+                raise BadRequest(501, "unsupported transfer coding")
+            raise BadRequest(400, "request body framing is not chunked")
+        request.chunked = True
+    elif contentLengths:
+        values = set()
+        for cl in contentLengths:
+            for item in cl.split(b","):
+                item = item.strip()
+                if not _DIGITS.match(item):
+                    raise BadRequest(400, "malformed Content-Length")
+                values.add(item.lstrip(b"0") or b"0")
+        if len(values) != 1:
+            raise BadRequest(400, "conflicting Content-Length values")
+        (only,) = values
+        if len(only) > 19 or int(only) > MAX_CONTENT_LENGTH:
+            raise BadRequest(400, "Content-Length out of range")
+        request.contentLength = int(only)
+
+    if len(hosts) > 1:
+        raise BadRequest(400, "more than one Host header")
+    if hosts:
+        request.host = hosts[0]
+    elif version == b"HTTP/1.1":
+        raise BadRequest(400, "missing Host header")
+
+    if target[:1] != b"/":
+        if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            # absolute-form: the authority in the target wins over Host.
+            rest = target.split(b"://", 1)[1]
+            authority, slash, path = rest.partition(b"/")
+            if not authority or b"@" in authority:
+                raise BadRequest(400, "malformed absolute request target")
+            target = b"/" + path
+            request.host = authority
+            headers[:] = [(n, v) for n, v in headers if n.lower() != b"host"]
+            headers.insert(0, (b"Host", authority))
+        elif target == b"*" and method == b"OPTIONS":
+            pass
+        elif method == b"CONNECT":
+            raise BadRequest(501, "CONNECT is not supported")
+        else:
+            raise BadRequest(400, "malformed request target")
+    request.target = target
+
+    tokens = connectionTokens(connection)
+    if version == b"HTTP/1.1":
+        request.keepAlive = b"close" not in tokens
+    else:
+        request.keepAlive = b"keep-alive" in tokens and b"close" not in tokens
+    if expect is not None:
+        if expect != b"100-continue":
+            raise BadRequest(417, "unsupported expectation")
+        request.expectContinue = version == b"HTTP/1.1"
+    request.upgrade = upgrade and b"upgrade" in tokens
+    return request
+
+
+# Parser states.
+_HEAD, _BODY, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _DONE = range(7)
+
+
+class HTTPServerProtocol(Protocol):
+    """
+    One client connection, one request at a time (pipelined requests wait
+    in the buffer until the response before them is finished).
+    """
+
+    _timeoutCall: Any = None
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._state = _HEAD
+        self._remaining = 0
+        self._request: Optional[Request] = None
+        self._exchange: Any = None
+        self._pendingStart = False
+        self._pauses: set[str] = set()
+        self._responding = False
+        self._chunkedResponse = False
+        self._bodyAllowed = True
+        self._keepAlive = True
+        self._disconnected = False
+        self._trailerBytes = 0
+        self._bodySeen = 0
+        self._sawChunk = False
+        self.peer = ""
+        self.secure = False
+
+    # -- connection life
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        factory.connections.add(self)
+        peer = self.transport.getPeer()
+        self.peer = getattr(peer, "host", "") or ""
+        self.secure = factory.secure
+        self._armTimeout()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._disconnected = True
+        self.factory.connections.discard(self)
+        self._cancelTimeout()
+        exchange = self._exchange
+        if exchange is not None:
+            self._exchange = None
+            exchange.clientGone()
+        self.factory.connectionClosed()
+
+    # -- timeouts
+
+    def _armTimeout(self) -> None:
+        timeout = self.factory.clientTimeout
+        if timeout:
+            call = self._timeoutCall
+            if call is not None and call.active():
+                call.reset(timeout)
+            else:
+                self._timeoutCall = self.factory.reactor.callLater(
+                    timeout, self._timedOut
+                )
+
+    def _cancelTimeout(self) -> None:
+        call = self._timeoutCall
+        if call is not None:
+            if call.active():
+                call.cancel()
+            self._timeoutCall = None
+
+    def _timedOut(self) -> None:
+        self._timeoutCall = None
+        if self._state == _HEAD and not self._buffer:
+            self.transport.loseConnection()
+        elif not self._responding:
+            log.info("client {peer} timed out sending its request", peer=self.peer)
+            self._refuse(408, "client timed out sending the request")
+        else:
+            self.transport.abortConnection()
+
+    # -- reading
+
+    def pauseReading(self, reason: str) -> None:
+        """
+        Stop reading from the client for C{reason} until resumed for it.
+        """
+        if not self._pauses:
+            self.transport.pauseProducing()
+        self._pauses.add(reason)
+
+    def resumeReading(self, reason: str) -> None:
+        if reason in self._pauses:
+            self._pauses.discard(reason)
+            if not self._pauses and not self._disconnected:
+                self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._buffer:
+            self._buffer += data
+        else:
+            self._buffer = data
+        self._process()
+
+    def _process(self) -> None:
+        try:
+            self._parse()
+        except BadRequest as e:
+            self._refuse(e.status, e.reason)
+            return
+        if self._pendingStart and self._exchange is not None:
+            request = self._request
+            # A chunked body is not forwarded before its first chunk-size
+            # line has been checked, unless the client waits for 100.
+            if not request.chunked or request.expectContinue or self._sawChunk:
+                self._pendingStart = False
+                self._exchange.start()
+
+    def _parse(self) -> None:
+        factory = self.factory
+        while self._buffer and not self._disconnected:
+            state = self._state
+            if state == _HEAD:
+                buf = self._buffer
+                if buf[:2] == CRLF:
+                    # RFC 9112 2.2: ignore empty lines before a request line.
+                    self._buffer = buf.lstrip(CRLF)
+                    continue
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > factory.maxHeadSize:
+                        raise BadRequest(431, "request header block too large")
+                    if b"\n\n" in buf or b"\r\r" in buf:
+                        raise BadRequest(400, "bare line ending in request head")
+                    return
+                if end > factory.maxHeadSize:
+                    raise BadRequest(431, "request header block too large")
+                head = buf[:end]
+                self._buffer = buf[end + 4 :]
+                crlfs = head.count(CRLF)
+                if head.count(b"\n") != crlfs or head.count(b"\r") != crlfs:
+                    raise BadRequest(400, "bare CR or LF in request head")
+                self._headReceived(parseHead(head, factory.maxHeaders))
+            elif state == _BODY:
+                buf = self._buffer
+                remaining = self._remaining
+                if len(buf) <= remaining:
+                    self._buffer = b""
+                    self._remaining = remaining - len(buf)
+                    self._exchange.bodyReceived(buf)
+                else:
+                    self._buffer = buf[remaining:]
+                    self._remaining = 0
+                    self._exchange.bodyReceived(buf[:remaining])
+                if not self._remaining:
+                    self._bodyDone()
+                else:
+                    self._armTimeout()
+            elif state == _CHUNK_SIZE_LINE:
+                buf = self._buffer
+                end = buf.find(CRLF)
+                if end < 0:
+                    if len(buf) > 4096:
+                        raise BadRequest(400, "chunk size line too long")
+                    return
+                match = _CHUNK_SIZE.match(buf, 0, end)
+                if match is None:
+                    raise BadRequest(400, "malformed chunk size")
+                size = int(match.group(1), 16)
+                self._buffer = buf[end + 2 :]
+                self._sawChunk = True
+                if size == 0:
+                    self._state = _TRAILERS
+                    self._trailerBytes = 0
+                else:
+                    self._remaining = size
+                    self._state = _CHUNK_DATA
+                    max_ = factory.maxBodySize
+                    if max_ is not None:
+                        self._bodySeen += size
+                        if self._bodySeen > max_:
+                            raise BadRequest(413, "request body too large")
+            elif state == _CHUNK_DATA:
+                buf = self._buffer
+                remaining = self._remaining
+                if len(buf) <= remaining:
+                    self._buffer = b""
+                    self._remaining = remaining - len(buf)
+                    self._exchange.bodyReceived(buf)
+                else:
+                    self._buffer = buf[remaining:]
+                    self._remaining = 0
+                    self._exchange.bodyReceived(buf[:remaining])
+                if not self._remaining:
+                    self._state = _CHUNK_END
+                self._armTimeout()
+            elif state == _CHUNK_END:
+                buf = self._buffer
+                if len(buf) < 2:
+                    if buf != b"\r":
+                        raise BadRequest(400, "chunk data not followed by CRLF")
+                    return
+                if buf[:2] != CRLF:
+                    raise BadRequest(400, "chunk data not followed by CRLF")
+                self._buffer = buf[2:]
+                self._state = _CHUNK_SIZE_LINE
+            elif state == _TRAILERS:
+                buf = self._buffer
+                end = buf.find(CRLF)
+                if end < 0:
+                    if len(buf) > factory.maxHeadSize:
+                        raise BadRequest(431, "trailer section too large")
+                    return
+                line = buf[:end]
+                self._buffer = buf[end + 2 :]
+                if not line:
+                    self._bodyDone()
+                else:
+                    # Trailers are read, checked and dropped.
+                    self._trailerBytes += end + 2
+                    if self._trailerBytes > factory.maxHeadSize:
+                        raise BadRequest(431, "trailer section too large")
+                    name, colon, value = line.partition(b":")
+                    if not colon or not _TOKEN.match(name) or _BAD_VALUE.search(
+                        value.strip(b" \t")
+                    ):
+                        raise BadRequest(400, "malformed trailer field")
+            else:  # _DONE: a pipelined request waits for this response.
+                if len(self._buffer) > factory.maxHeadSize:
+                    self.pauseReading("pipeline")
+                return
+
+    def _headReceived(self, request: Request) -> None:
+        factory = self.factory
+        self._cancelTimeout()
+        request.peer = self.peer
+        request.secure = self.secure
+        request.received = factory.reactor.seconds()
+        maxBody = factory.maxBodySize
+        if (
+            maxBody is not None
+            and request.contentLength is not None
+            and request.contentLength > maxBody
+        ):
+            raise BadRequest(413, "request body too large")
+        self._request = request
+        self._keepAlive = request.keepAlive and not factory.draining
+        self._responding = False
+        self._bodySeen = 0
+        self._sawChunk = False
+        self._exchange = factory.handler(request, self)
+        self._pendingStart = True
+        if request.chunked:
+            self._state = _CHUNK_SIZE_LINE
+            self._armTimeout()
+        elif request.contentLength:
+            self._state = _BODY
+            self._remaining = request.contentLength
+            self._armTimeout()
+        else:
+            self._state = _DONE
+            self._exchange.bodyFinished()
+
+    def _bodyDone(self) -> None:
+        self._cancelTimeout()
+        self._state = _DONE
+        exchange = self._exchange
+        if exchange is not None:
+            if self._pendingStart:
+                self._pendingStart = False
+                exchange.start()
+            exchange.bodyFinished()
+
+    # -- writing, for the exchange
+
+    def sendContinue(self) -> None:
+        """
+        Tell a client waiting on C{Expect: 100-continue} to send its body.
+        """
+        if not self._responding and not self._disconnected:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def startResponse(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: Optional[int],
+    ) -> None:
+        """
+        Write the response head.  C{headers} are end-to-end headers only;
+        this method adds the framing (C{Content-Length}, chunked, or close)
+        and C{Connection} as the client's version and the request need.
+        """
+        request = self._request
+        self._responding = True
+        bodyAllowed = request.method != b"HEAD" and status not in NO_BODY_STATUSES
+        self._bodyAllowed = bodyAllowed
+        self._chunkedResponse = False
+        if self._state != _DONE:
+            # The body is still arriving: once the response is done we
+            # cannot tell where the next request would start without
+            # reading the rest, so this connection ends with the response.
+            self._keepAlive = False
+        if self.factory.draining:
+            self._keepAlive = False
+        http11 = request.version == b"HTTP/1.1"
+        lines = [
+            b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown"))
+        ]
+        for name, value in headers:
+            lines.append(name + b": " + value + b"\r\n")
+        if length is not None:
+            if status not in NO_BODY_STATUSES or request.method == b"HEAD":
+                lines.append(b"Content-Length: %d\r\n" % (length,))
+        elif bodyAllowed:
+            if http11:
+                self._chunkedResponse = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self._keepAlive = False
+        if not self._keepAlive:
+            lines.append(b"Connection: close\r\n")
+        elif not http11:
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(CRLF)
+        self.transport.write(b"".join(lines))
+
+    def writeBody(self, data: bytes) -> None:
+        if not self._bodyAllowed or not data:
+            return
+        if self._chunkedResponse:
+            self.transport.writeSequence([b"%x\r\n" % (len(data),), data, CRLF])
+        else:
+            self.transport.write(data)
+
+    def respond(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        """
+        A whole response with a known body at once: the fast path for small
+        responses.
+        """
+        self.startResponse(status, reason, headers, len(body))
+        if body and self._bodyAllowed:
+            self.transport.write(body)
+        self.finishResponse()
+
+    def finishResponse(self) -> None:
+        """
+        The response is complete: end its framing, then either wait for the
+        next request on this connection or close it.
+        """
+        if self._chunkedResponse and self._bodyAllowed:
+            self.transport.write(b"0\r\n\r\n")
+        self._exchange = None
+        self._request = None
+        self._responding = False
+        if self._disconnected:
+            return
+        if not self._keepAlive or self._state != _DONE:
+            self.transport.loseConnection()
+            self._disconnected = True
+            return
+        self._state = _HEAD
+        self.resumeReading("pipeline")
+        self._armTimeout()
+        if self.factory.draining and not self._buffer:
+            self.transport.loseConnection()
+            return
+        if self._buffer:
+            self._process()
+
+    def abortResponse(self) -> None:
+        """
+        The response broke off half-way: the client must not mistake what
+        it got for the whole, so the connection is aborted.
+        """
+        self._exchange = None
+        if not self._disconnected:
+            self._disconnected = True
+            self.transport.abortConnection()
+
+    def sendError(self, status: int, message: str) -> None:
+        """
+        Answer the current request with a short plain-text error.
+        """
+        if self._disconnected:
+            return
+        if self._responding:
+            self.abortResponse()
+            return
+        body = message.encode("utf-8", "replace") + b"\n"
+        self.respond(
+            status,
+            REASONS.get(status, b"Error"),
+            [(b"Content-Type", b"text/plain; charset=utf-8")],
+            body,
+        )
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """
+        Answer a request we will not forward, then close the connection:
+        after a framing error nothing that follows can be trusted.
+        """
+        log.info(
+            "refused request from {peer}: {status} {reason}",
+            peer=self.peer,
+            status=status,
+            reason=reason,
+        )
+        self._pendingStart = False
+        exchange = self._exchange
+        self._exchange = None
+        if exchange is not None:
+            exchange.clientGone()
+        self._buffer = b""
+        self._keepAlive = False
+        self._state = _DONE
+        if self._disconnected:
+            return
+        if self._responding:
+            self.abortResponse()
+            return
+        if self._request is None:
+            self._request = Request()
+        self.factory.counters["refused"] = self.factory.counters.get("refused", 0) + 1
+        self.sendError(status, REASONS.get(status, b"Error").decode() + ": " + reason)
+
+
+class HTTPServerFactory(Factory):
+    """
+    Builds L{HTTPServerProtocol}s for one or more listeners and knows every
+    open client connection, so a graceful stop can wait for them.
+
+    @ivar handler: C{handler(request, server)} returns the exchange that
+        will serve C{request}.
+    """
+
+    protocol = HTTPServerProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        handler: Callable[[Request, HTTPServerProtocol], Any],
+        reactor: Any,
+        clientTimeout: Optional[float] = 60.0,
+        maxBodySize: Optional[int] = None,
+        maxHeadSize: int = 32 * 1024,
+        maxHeaders: int = 100,
+        secure: bool = False,
+    ) -> None:
+        self.handler = handler
+        self.reactor = reactor
+        self.clientTimeout = clientTimeout
+        self.maxBodySize = maxBodySize
+        self.maxHeadSize = maxHeadSize
+        self.maxHeaders = maxHeaders
+        self.secure = secure
+        self.connections: set[HTTPServerProtocol] = set()
+        self.draining = False
+        self.counters: dict[str, int] = {}
+        self._drained: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> HTTPServerProtocol:
+        p = HTTPServerProtocol()
+        p.factory = self
+        return p
+
+    def connectionClosed(self) -> None:
+        if self.draining and not self.connections:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def drain(self, timeout: float) -> Any:
+        """
+        Stop keeping connections alive: close the idle ones now, close the
+        busy ones when their response is done, and abort whatever is still
+        open after C{timeout} seconds.
+
+        @return: a Deferred that fires when every connection has closed.
+        """
+        from twisted.internet.defer import Deferred
+
+        self.draining = True
+        d: Deferred[None] = Deferred()
+        if not self.connections:
+            d.callback(None)
+            return d
+        self._drained.append(d)
+        for conn in list(self.connections):
+            if conn._state == _HEAD and not conn._buffer and not conn._responding:
+                conn.transport.loseConnection()
+        if self.connections:
+            log.info(
+                "waiting up to {timeout}s for {n} connections to finish",
+                timeout=timeout,
+                n=len(self.connections),
+            )
+
+        def giveUp() -> None:
+            if self.connections:
+                log.warn(
+                    "drain timeout: aborting {n} connections", n=len(self.connections)
+                )
+                for conn in list(self.connections):
+                    conn.transport.abortConnection()
+
+        call = self.reactor.callLater(timeout, giveUp)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d

@@ -1,0 +1,156 @@
+"""
+Header rules for forwarding: hop-by-hop removal and the X-Forwarded family.
+
+Pure functions over header lists.  A header list is a list of
+``(name, value)`` byte-string pairs in the order they arrived, names in the
+case the peer sent them; repeated headers stay separate entries.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, Sequence
+
+Headers = "list[tuple[bytes, bytes]]"
+
+# Hop-by-hop headers (RFC 9110 section 7.6.1) and their unofficial siblings.
+# They describe one connection, never the next one, so they are removed in
+# both directions, together with every header a Connection header names.
+HOP_BY_HOP = frozenset(
+    [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    ]
+)
+
+# Headers the balancer writes itself on the way upstream.  Whatever a client
+# sends under these names is dropped (or, from a trusted proxy, folded into
+# the new value by forwardedHeaders).
+SET_BY_BALANCER = frozenset(
+    [
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+        b"x-client-cert-subject",
+    ]
+)
+
+# Framing headers: the balancer re-frames every message it forwards.
+FRAMING = frozenset([b"content-length"])
+
+VIA = b"1.1 txbalancer"
+
+
+def connectionTokens(values: Iterable[bytes]) -> frozenset[bytes]:
+    """
+    The lower-cased header names listed in ``Connection`` header values.
+    """
+    tokens = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return frozenset(tokens)
+
+
+def endToEnd(
+    headers: Sequence[tuple[bytes, bytes]], extraDrop: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
+    """
+    The headers of a message without its hop-by-hop headers, without the
+    headers its Connection header names, without framing headers, and
+    without any header named in C{extraDrop}; order is kept.
+    """
+    named = connectionTokens(v for n, v in headers if n.lower() == b"connection")
+    drop = HOP_BY_HOP | FRAMING | extraDrop | named
+    return [(n, v) for n, v in headers if n.lower() not in drop]
+
+
+def formatForwardedFor(address: str) -> bytes:
+    """
+    An RFC 7239 C{for=} node: IPv4 bare, IPv6 quoted in brackets.
+    """
+    if ":" in address:
+        return b'for="[' + address.encode("ascii") + b']"'
+    return b"for=" + address.encode("ascii")
+
+
+def _quoteIfNeeded(value: bytes) -> bytes:
+    token = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    if value and all(c in token for c in value):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def isTrusted(address: str, trusted: Sequence[ipaddress._BaseNetwork]) -> bool:
+    """
+    Whether C{address} lies in one of the C{trusted} networks.
+    """
+    if not trusted:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+def forwardedHeaders(
+    headers: Sequence[tuple[bytes, bytes]],
+    peer: str,
+    trustedPeer: bool,
+    proto: bytes,
+    host: bytes | None,
+) -> list[tuple[bytes, bytes]]:
+    """
+    The X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, Forwarded and
+    Via headers to send upstream for a request that arrived from C{peer}.
+
+    From a trusted peer the incoming chains are kept and the peer appended;
+    from anyone else they are replaced, so a client cannot spoof its address.
+    """
+    xff: list[bytes] = []
+    fwd: list[bytes] = []
+    xfp = xfh = None
+    via: list[bytes] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"via":
+            via.append(value)
+        elif trustedPeer:
+            if lname == b"x-forwarded-for":
+                xff.append(value)
+            elif lname == b"forwarded":
+                fwd.append(value)
+            elif lname == b"x-forwarded-proto" and xfp is None:
+                xfp = value
+            elif lname == b"x-forwarded-host" and xfh is None:
+                xfh = value
+    peerBytes = peer.encode("ascii")
+    xff.append(peerBytes)
+    element = formatForwardedFor(peer)
+    if host is not None:
+        element += b";host=" + _quoteIfNeeded(host)
+    element += b";proto=" + proto
+    fwd.append(element)
+    via.append(VIA)
+    result = [
+        (b"X-Forwarded-For", b", ".join(xff)),
+        (b"X-Forwarded-Proto", xfp if xfp is not None else proto),
+    ]
+    if xfh is not None:
+        result.append((b"X-Forwarded-Host", xfh))
+    elif host is not None:
+        result.append((b"X-Forwarded-Host", host))
+    result.append((b"Forwarded", b", ".join(fwd)))
+    result.append((b"Via", b", ".join(via)))
+    return result

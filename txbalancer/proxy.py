@@ -1,0 +1,480 @@
+"""
+The reverse proxy: for each request, pick a backend, forward the request,
+stream the response back, and turn every failure into a short, truthful
+answer (502, 503 or 504) with one log line.
+
+A L{Forwarder} is the handler an L{txbalancer.downstream.HTTPServerFactory}
+calls for each request; it makes a L{ProxyExchange}, which lives for that
+one request and talks to the client side (the server protocol) and the
+backend side (an L{txbalancer.upstream.UpstreamConnection}).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from txbalancer.backend import Backend
+from txbalancer.headers import SET_BY_BALANCER, endToEnd, forwardedHeaders, isTrusted
+from txbalancer.upstream import UpstreamConnection
+
+log = Logger()
+
+CRLF = b"\r\n"
+
+# Methods that may be sent twice with the effect of once (RFC 9110 9.2.2).
+IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+
+# Request headers the balancer rewrites itself (see headers.forwardedHeaders).
+REQUEST_DROP = SET_BY_BALANCER | frozenset([b"via"])
+
+# How much of a request body is kept to resend it after a failed attempt,
+# and how much may wait for a connection before the client is paused.
+REPLAY_LIMIT = 64 * 1024
+PENDING_LIMIT = 64 * 1024
+
+# Responses smaller than this arrive in one or two reads; they are written
+# without registering the backend as the client's producer.
+SMALL_RESPONSE = 64 * 1024
+
+
+class Forwarder:
+    """
+    Forwards requests to the backends of a pool.
+
+    @param pool: the L{txbalancer.pool.BackendPool} that picks backends.
+    @param upstreams: the L{txbalancer.upstream.UpstreamPool} of connections.
+    @param trustedProxies: networks whose X-Forwarded-For is believed.
+    @param backendTimeout: seconds to wait for a response head.
+    @param accessLog: an L{txbalancer.accesslog.AccessLog}, or L{None}.
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        upstreams: Any,
+        reactor: Any,
+        trustedProxies: Sequence[Any] = (),
+        backendTimeout: float = 60.0,
+        accessLog: Any = None,
+    ) -> None:
+        self.pool = pool
+        self.upstreams = upstreams
+        self.reactor = reactor
+        self.trustedProxies = tuple(trustedProxies)
+        self.backendTimeout = backendTimeout
+        self.accessLog = accessLog
+        self.inFlight = 0
+        self._trustCache: dict[str, bool] = {}
+
+    def __call__(self, request: Any, server: Any) -> "ProxyExchange":
+        return ProxyExchange(self, request, server)
+
+    def isTrusted(self, peer: str) -> bool:
+        trusted = self._trustCache.get(peer)
+        if trusted is None:
+            if len(self._trustCache) > 4096:
+                self._trustCache.clear()
+            trusted = self._trustCache[peer] = isTrusted(peer, self.trustedProxies)
+        return trusted
+
+
+class _RequestBodyProducer:
+    """
+    Registered with a backend connection while a request body streams to
+    it: when the backend reads slowly, the client is paused.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def pauseProducing(self) -> None:
+        self.server.pauseReading("upstream")
+
+    def resumeProducing(self) -> None:
+        self.server.resumeReading("upstream")
+
+    def stopProducing(self) -> None:
+        self.server.resumeReading("upstream")
+
+
+implementer(IPushProducer)(_RequestBodyProducer)
+
+
+@implementer(IPushProducer)
+class ProxyExchange:
+    """
+    One request on its way through the balancer.
+
+    It is also the push producer registered with the client's transport
+    while a response streams: a slow client pauses the backend.
+    """
+
+    def __init__(self, forwarder: Forwarder, request: Any, server: Any) -> None:
+        self.forwarder = forwarder
+        self.request = request
+        self.server = server
+        self.backend: Optional[Backend] = None
+        self.conn: Optional[UpstreamConnection] = None
+        self.tried: set[Backend] = set()
+        self.pending: list[bytes] = []
+        self.pendingSize = 0
+        self.replay: Optional[list[bytes]] = []
+        self.replaySize = 0
+        self.bodyDone = False
+        self.started = False
+        self.finished = False
+        self.responded = False
+        self.status = 0
+        self.sentBytes = 0
+        self.lastError = ""
+        self._connecting: Any = None
+        self._timeoutCall: Any = None
+        self._head: Optional[bytes] = None
+        self._bodyProducer: Optional[_RequestBodyProducer] = None
+        self._producing = False
+        self._retriedFresh = False
+        self._activeBackend: Optional[Backend] = None
+
+    # -- from the client side
+
+    def start(self) -> None:
+        """
+        The head is parsed (and the first body bytes checked): go.
+        """
+        if self.finished:
+            return
+        self.started = True
+        self.forwarder.inFlight += 1
+        self._attempt(None)
+
+    def bodyReceived(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None and self.started:
+            conn.writeBody(data)
+            self._keepForReplay(data)
+        else:
+            self.pending.append(data)
+            self.pendingSize += len(data)
+            if self.pendingSize > PENDING_LIMIT:
+                self.server.pauseReading("connect")
+
+    def bodyFinished(self) -> None:
+        self.bodyDone = True
+        conn = self.conn
+        if conn is not None and self.started:
+            conn.finishBody()
+            self._stopBodyProducer()
+
+    def clientGone(self) -> None:
+        """
+        The client left (or sent something unforwardable): stop the work
+        done on its behalf and free what it held.
+        """
+        if self.finished:
+            return
+        self._finish()
+        if self._connecting is not None:
+            connecting, self._connecting = self._connecting, None
+            connecting.cancel()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+
+    # -- choosing and connecting
+
+    def _attempt(self, sameBackend: Optional[Backend]) -> None:
+        forwarder = self.forwarder
+        if sameBackend is None:
+            backend = forwarder.pool.choose(self.request, self.tried)
+            if backend is None:
+                if not self.tried:
+                    self._fail(503, "no backend available")
+                else:
+                    self._fail(502, "no backend could be reached: " + self.lastError)
+                return
+            self.tried.add(backend)
+            conn = forwarder.upstreams.takeIdle(backend)
+        else:
+            backend = sameBackend
+            conn = None
+        self.backend = backend
+        self._activeBackend = backend
+        backend.active += 1
+        backend.requests += 1
+        if conn is not None:
+            self._connected(conn)
+            return
+        d = forwarder.upstreams.connect(backend)
+        self._connecting = d
+        d.addCallbacks(self._connected, self._connectFailed, errbackArgs=(backend,))
+        d.addErrback(self._bug)
+
+    def _connected(self, conn: UpstreamConnection) -> None:
+        self._connecting = None
+        if self.finished:
+            # The client left while we were connecting: keep the
+            # connection for someone else.
+            self.forwarder.upstreams.release(conn)
+            return
+        self.conn = conn
+        head = self._head
+        if head is None or self.request.host is None:
+            head = self._head = self._buildHead(conn.backend)
+        request = self.request
+        conn.sendRequest(head, self, request.method == b"HEAD", request.chunked)
+        if self.pending:
+            pending, self.pending = self.pending, []
+            self.pendingSize = 0
+            for data in pending:
+                conn.writeBody(data)
+                self._keepForReplay(data)
+            self.server.resumeReading("connect")
+        if self.bodyDone:
+            conn.finishBody()
+        else:
+            self._bodyProducer = _RequestBodyProducer(self.server)
+            conn.transport.registerProducer(self._bodyProducer, True)
+        timeout = self.forwarder.backendTimeout
+        if timeout:
+            self._timeoutCall = self.forwarder.reactor.callLater(
+                timeout, self._timedOut
+            )
+
+    def _connectFailed(self, failure: Any, backend: Backend) -> None:
+        self._connecting = None
+        self._releaseBackend()
+        if self.finished or failure.check(CancelledError):
+            return
+        backend.failures += 1
+        self.lastError = f"{backend.address} {_describe(failure.value)}"
+        log.info(
+            "connect to backend {backend} failed: {reason}",
+            backend=backend.address,
+            reason=_describe(failure.value),
+        )
+        self._attempt(None)
+
+    def _buildHead(self, backend: Backend) -> bytes:
+        request = self.request
+        forwarder = self.forwarder
+        lines = [request.method + b" " + request.target + b" HTTP/1.1\r\n"]
+        if request.host is None:
+            lines.append(b"Host: " + backend.address.encode("ascii") + CRLF)
+        for name, value in endToEnd(request.headers, REQUEST_DROP):
+            lines.append(name + b": " + value + CRLF)
+        for name, value in forwardedHeaders(
+            request.headers,
+            request.peer,
+            forwarder.isTrusted(request.peer),
+            b"https" if request.secure else b"http",
+            request.host,
+        ):
+            lines.append(name + b": " + value + CRLF)
+        if request.chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        elif request.contentLength is not None:
+            lines.append(b"Content-Length: %d\r\n" % (request.contentLength,))
+        lines.append(CRLF)
+        return b"".join(lines)
+
+    def _keepForReplay(self, data: bytes) -> None:
+        replay = self.replay
+        if replay is not None:
+            self.replaySize += len(data)
+            if self.replaySize > REPLAY_LIMIT:
+                self.replay = None
+            else:
+                replay.append(data)
+
+    # -- from the backend side
+
+    def upstreamContinue(self) -> None:
+        if self.request.expectContinue and not self.bodyDone:
+            self.server.sendContinue()
+
+    def responseHead(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: Optional[int],
+    ) -> None:
+        self._cancelTimeout()
+        self.responded = True
+        self.replay = None
+        self.status = status
+        self.server.startResponse(status, reason, endToEnd(headers), length)
+        if length is None or length > SMALL_RESPONSE:
+            self._producing = True
+            self.server.transport.registerProducer(self, True)
+
+    def responseData(self, data: bytes) -> None:
+        self.sentBytes += len(data)
+        self.server.writeBody(data)
+
+    def responseFinished(self) -> None:
+        self._stopBodyProducer()
+        self.conn = None
+        self._stopProducing()
+        self._finish()
+        self.server.finishResponse()
+
+    def upstreamLost(self, reason: Any, responseStarted: bool) -> None:
+        conn, self.conn = self.conn, None
+        self._cancelTimeout()
+        self._stopBodyProducer()
+        self._stopProducing()
+        backend = self.backend
+        self._releaseBackend()
+        if self.finished:
+            return
+        why = _describe(getattr(reason, "value", reason))
+        if backend is not None:
+            backend.failures += 1
+        if self.responded:
+            log.warn(
+                "backend {backend} broke off the response: {reason}",
+                backend=backend.address if backend else "?",
+                reason=why,
+            )
+            self._finish()
+            self.server.abortResponse()
+            return
+        retryable = (
+            not responseStarted
+            and self.request.method in IDEMPOTENT
+            and self.replay is not None
+        )
+        if retryable:
+            self.pending = self.replay + self.pending
+            self.pendingSize = sum(len(d) for d in self.pending)
+            self.replay = []
+            self.replaySize = 0
+            if conn is not None and conn.reused and not self._retriedFresh:
+                # Most likely the backend closed a kept-alive connection
+                # just as we reused it: try again on a fresh one.
+                self._retriedFresh = True
+                self._attempt(backend)
+            else:
+                self.lastError = f"{backend.address if backend else '?'} {why}"
+                self._attempt(None)
+            return
+        self._fail(502, f"backend {backend.address if backend else '?'} failed: {why}")
+
+    # -- IPushProducer, for the client's transport
+
+    def pauseProducing(self) -> None:
+        if self.conn is not None:
+            self.conn.pauseReading()
+
+    def resumeProducing(self) -> None:
+        if self.conn is not None:
+            self.conn.resumeReading()
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- endings
+
+    def _timedOut(self) -> None:
+        self._timeoutCall = None
+        backend = self.backend
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        self._stopBodyProducer()
+        self._releaseBackend()
+        if backend is not None:
+            backend.failures += 1
+        self._fail(
+            504,
+            f"backend {backend.address if backend else '?'} sent no response "
+            f"within {self.forwarder.backendTimeout:g}s",
+        )
+
+    def _fail(self, status: int, message: str) -> None:
+        if self.finished:
+            return
+        log.warn(
+            "{status} for {method} {target} from {peer}: {message}",
+            status=status,
+            method=self.request.method.decode("latin-1"),
+            target=self.request.target.decode("latin-1"),
+            peer=self.request.peer,
+            message=message,
+        )
+        self.status = status
+        self._finish()
+        self.server.sendError(status, message)
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._cancelTimeout()
+        self._releaseBackend()
+        if self.started:
+            self.forwarder.inFlight -= 1
+        accessLog = self.forwarder.accessLog
+        if accessLog is not None:
+            accessLog.log(self.request, self.status, self.sentBytes, self.backend)
+
+    def _releaseBackend(self) -> None:
+        """
+        The current attempt is over: it no longer counts as in flight.
+        """
+        backend = self._activeBackend
+        if backend is not None:
+            self._activeBackend = None
+            backend.active -= 1
+
+    def _cancelTimeout(self) -> None:
+        call = self._timeoutCall
+        if call is not None:
+            self._timeoutCall = None
+            if call.active():
+                call.cancel()
+
+    def _stopBodyProducer(self) -> None:
+        producer = self._bodyProducer
+        if producer is not None:
+            self._bodyProducer = None
+            conn = self.conn
+            if conn is not None and conn.transport is not None:
+                conn.transport.unregisterProducer()
+            self.server.resumeReading("upstream")
+
+    def _stopProducing(self) -> None:
+        if self._producing:
+            self._producing = False
+            transport = self.server.transport
+            if transport is not None:
+                transport.unregisterProducer()
+
+    def _bug(self, failure: Any) -> None:
+        log.failure("unexpected error while forwarding", failure)
+        if not self.finished:
+            self._fail(502, "internal error while forwarding")
+
+
+def _describe(exc: Any) -> str:
+    """
+    A short, human description of a connection failure.
+    """
+    from twisted.internet import error
+
+    if isinstance(exc, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, error.TimeoutError):
+        return "connect timed out"
+    if isinstance(exc, error.DNSLookupError):
+        return "DNS lookup failed"
+    if isinstance(exc, (error.ConnectionDone, error.ConnectionLost)):
+        return "connection closed before a complete response"
+    text = str(exc) or exc.__class__.__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,87 @@
+"""
+The balancer as one Twisted service: its listeners, its backend pool, its
+upstream connections, and the order in which they stop.
+
+On stop (SIGTERM, or Ctrl-C under C{-n}) the balancer stops listening,
+lets the requests in flight finish (for at most C{drainTimeout} seconds),
+closes its kept-alive backend connections, then lets twistd exit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class BalancerService(MultiService):
+    """
+    @param listeners: C{(endpoint, factory)} pairs, one per C{--port}.
+    @param pool: the L{txbalancer.pool.BackendPool}.
+    @param upstreams: the L{txbalancer.upstream.UpstreamPool}.
+    @param forwarder: the L{txbalancer.proxy.Forwarder}, for its count of
+        requests in flight.
+    """
+
+    def __init__(
+        self,
+        listeners: Sequence[tuple[Any, Any]],
+        pool: Any,
+        upstreams: Any,
+        forwarder: Any,
+        drainTimeout: float = 30.0,
+        accessLog: Any = None,
+    ) -> None:
+        MultiService.__init__(self)
+        self.pool = pool
+        self.upstreams = upstreams
+        self.forwarder = forwarder
+        self.drainTimeout = drainTimeout
+        self.accessLog = accessLog
+        self.factories = []
+        self.listeners = []
+        pool.setServiceParent(self)
+        for endpoint, factory in listeners:
+            listener = StreamServerEndpointService(endpoint, factory)
+            # Fail start-up loudly when a port cannot be bound.
+            listener._raiseSynchronously = True
+            listener.setServiceParent(self)
+            self.listeners.append(listener)
+            self.factories.append(factory)
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        self.upstreams.start()
+        log.info(
+            "balancing over {n} backends: {backends}",
+            n=len(self.pool.backends),
+            backends=", ".join(b.address for b in self.pool.backends),
+        )
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        log.info("stopping: no longer accepting connections")
+        yield defer.gatherResults(
+            [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
+        )
+        inFlight = self.forwarder.inFlight
+        if inFlight:
+            log.info(
+                "waiting up to {timeout}s for {n} requests in flight",
+                timeout=self.drainTimeout,
+                n=inFlight,
+            )
+        yield defer.gatherResults(
+            [factory.drain(self.drainTimeout) for factory in self.factories]
+        )
+        yield self.upstreams.close()
+        yield defer.maybeDeferred(self.pool.stopService)
+        Service.stopService(self)
+        if self.accessLog is not None:
+            self.accessLog.close()
+        log.info("stopped")

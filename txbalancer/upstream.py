@@ -1,0 +1,529 @@
+"""
+The backend side of the balancer: an HTTP/1.1 client protocol and the pool
+of kept-alive connections it runs on.
+
+Twisted's Agent builds an endpoint per request, keeps two idle connections
+per host, moves Content-Length out of the response and offers no way to
+pause a response but private attributes.  A proxy needs the opposite of all
+four, so this module speaks HTTP/1.1 to backends itself.
+
+One request at a time per connection.  The exchange that owns the request
+gets::
+
+    exchange.upstreamContinue()                     # a 100 Continue arrived
+    exchange.responseHead(status, reason, headers, length)
+    exchange.responseData(data)                     # zero or more times
+    exchange.responseFinished()                     # the connection is free
+    exchange.upstreamLost(reason, responseStarted)  # it broke first
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Optional
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from txbalancer.backend import Backend
+from txbalancer.headers import connectionTokens
+
+log = Logger()
+
+CRLF = b"\r\n"
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(rb"[0-9]{1,19}\Z")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+MAX_HEAD = 64 * 1024
+
+
+class BadResponse(Exception):
+    """
+    The backend sent something that is not a well-formed HTTP/1.1 response.
+    """
+
+
+# Response parser states.
+_IDLE, _HEAD, _BODY, _UNTIL_CLOSE, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_END, _TRAILERS = range(8)
+
+
+class UpstreamConnection(Protocol):
+    """
+    One connection to one backend.
+
+    @ivar reused: whether the current request is not the connection's
+        first, so a close before any response byte may be a keep-alive race
+        rather than the backend's answer.
+    """
+
+    def __init__(self, pool: "UpstreamPool", backend: Backend) -> None:
+        self.pool = pool
+        self.backend = backend
+        self.exchange: Any = None
+        self.reused = False
+        self.idleSince = 0.0
+        self.responseStarted = False
+        self.connected = False
+        self._buffer = b""
+        self._state = _IDLE
+        self._remaining = 0
+        self._isHead = False
+        self._reusable = True
+        self._requestSent = False
+        self._chunkedRequest = False
+        self._paused = False
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        self.pool._connections.add(self)
+
+    # -- the request
+
+    def sendRequest(
+        self, head: bytes, exchange: Any, isHead: bool, chunked: bool
+    ) -> None:
+        """
+        Write a request head; the body, if any, follows through L{writeBody}
+        and L{finishBody}.
+        """
+        self.exchange = exchange
+        self._state = _HEAD
+        self._buffer = b""
+        self._isHead = isHead
+        self._reusable = True
+        self._requestSent = False
+        self._chunkedRequest = chunked
+        self.responseStarted = False
+        self.transport.write(head)
+
+    def writeBody(self, data: bytes) -> None:
+        if self._chunkedRequest:
+            self.transport.writeSequence([b"%x\r\n" % (len(data),), data, CRLF])
+        else:
+            self.transport.write(data)
+
+    def finishBody(self) -> None:
+        if self._chunkedRequest:
+            self.transport.write(b"0\r\n\r\n")
+        self._requestSent = True
+
+    # -- flow control, for the exchange
+
+    def pauseReading(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def resumeReading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def abort(self) -> None:
+        """
+        Give up on this connection: it is closed, never reused.
+        """
+        self.exchange = None
+        self._reusable = False
+        self.transport.abortConnection()
+
+    # -- the response
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.exchange is None:
+            # Nobody asked: a backend talking out of turn is not reused.
+            self.pool._discard(self)
+            self.transport.abortConnection()
+            return
+        self.responseStarted = True
+        if self._buffer:
+            self._buffer += data
+        else:
+            self._buffer = data
+        try:
+            self._parse()
+        except BadResponse as e:
+            exchange = self.exchange
+            self.abort()
+            if exchange is not None:
+                exchange.upstreamLost(e, True)
+
+    def _parse(self) -> None:
+        while self._buffer and self.exchange is not None:
+            state = self._state
+            if state == _HEAD:
+                buf = self._buffer
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEAD:
+                        raise BadResponse("response head too large")
+                    return
+                head = buf[:end]
+                self._buffer = buf[end + 4 :]
+                self._headReceived(head)
+            elif state == _BODY:
+                buf = self._buffer
+                remaining = self._remaining
+                exchange = self.exchange
+                if len(buf) < remaining:
+                    self._buffer = b""
+                    self._remaining = remaining - len(buf)
+                    exchange.responseData(buf)
+                else:
+                    # Anything past Content-Length stays in the buffer, and
+                    # a connection with leftovers is never reused.
+                    self._buffer = buf[remaining:]
+                    self._remaining = 0
+                    exchange.responseData(buf[:remaining] if self._buffer else buf)
+                    self._responseDone()
+            elif state == _UNTIL_CLOSE:
+                buf = self._buffer
+                self._buffer = b""
+                self.exchange.responseData(buf)
+            elif state == _CHUNK_SIZE_LINE:
+                buf = self._buffer
+                end = buf.find(CRLF)
+                if end < 0:
+                    if len(buf) > 4096:
+                        raise BadResponse("chunk size line too long")
+                    return
+                match = _CHUNK_SIZE.match(buf, 0, end)
+                if match is None:
+                    raise BadResponse("malformed chunk size")
+                size = int(match.group(1), 16)
+                self._buffer = buf[end + 2 :]
+                if size:
+                    self._remaining = size
+                    self._state = _CHUNK_DATA
+                else:
+                    self._state = _TRAILERS
+            elif state == _CHUNK_DATA:
+                buf = self._buffer
+                remaining = self._remaining
+                if len(buf) <= remaining:
+                    self._buffer = b""
+                    self._remaining = remaining - len(buf)
+                    self.exchange.responseData(buf)
+                else:
+                    self._buffer = buf[remaining:]
+                    self._remaining = 0
+                    self.exchange.responseData(buf[:remaining])
+                if not self._remaining:
+                    self._state = _CHUNK_END
+            elif state == _CHUNK_END:
+                buf = self._buffer
+                if len(buf) < 2:
+                    if buf != b"\r":
+                        raise BadResponse("chunk not followed by CRLF")
+                    return
+                if buf[:2] != CRLF:
+                    raise BadResponse("chunk not followed by CRLF")
+                self._buffer = buf[2:]
+                self._state = _CHUNK_SIZE_LINE
+            elif state == _TRAILERS:
+                buf = self._buffer
+                end = buf.find(CRLF)
+                if end < 0:
+                    if len(buf) > MAX_HEAD:
+                        raise BadResponse("trailer section too large")
+                    return
+                self._buffer = buf[end + 2 :]
+                if end == 0:
+                    self._responseDone()
+            else:
+                raise BadResponse("data after the response")
+
+    def _headReceived(self, head: bytes) -> None:
+        lines = head.split(CRLF)
+        statusLine = lines[0]
+        parts = statusLine.split(b" ", 2)
+        if (
+            len(parts) < 2
+            or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0")
+            or len(parts[1]) != 3
+            or not parts[1].isdigit()
+        ):
+            raise BadResponse("malformed status line")
+        status = int(parts[1])
+        reason = parts[2] if len(parts) == 3 else b""
+        if _BAD_VALUE.search(reason):
+            raise BadResponse("malformed reason phrase")
+        headers = []
+        contentLengths = []
+        chunked = None
+        connection = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not _TOKEN.match(name):
+                raise BadResponse("malformed header line")
+            value = value.strip(b" \t")
+            if _BAD_VALUE.search(value):
+                raise BadResponse("invalid character in header value")
+            lname = name.lower()
+            if lname == b"content-length":
+                contentLengths.append(value)
+            elif lname == b"transfer-encoding":
+                codings = [c.strip().lower() for c in value.split(b",")]
+                chunked = codings[-1] == b"chunked"
+            elif lname == b"connection":
+                connection.append(value)
+            headers.append((name, value))
+
+        if status < 200:
+            if status == 100:
+                self.exchange.upstreamContinue()
+            elif status == 101:
+                raise BadResponse("unexpected protocol switch")
+            # Other interim responses (102, 103) are not forwarded.
+            return
+
+        tokens = connectionTokens(connection)
+        if b"close" in tokens or (
+            parts[0] == b"HTTP/1.0" and b"keep-alive" not in tokens
+        ):
+            self._reusable = False
+
+        length: Optional[int] = None
+        if self._isHead or status in (204, 304):
+            # No body follows, whatever the headers say; HEAD keeps its
+            # Content-Length so the client learns the size.
+            if contentLengths and _DIGITS.match(contentLengths[0]):
+                length = int(contentLengths[0])
+            self._state = _IDLE
+            self.exchange.responseHead(status, reason, headers, length)
+            self._responseDone()
+            return
+        if chunked is not None:
+            # Transfer-Encoding wins over Content-Length (RFC 9112 6.3), and
+            # a message that had both is never trusted with a next one.
+            if contentLengths:
+                self._reusable = False
+            if chunked:
+                self._state = _CHUNK_SIZE_LINE
+            else:
+                self._reusable = False
+                self._state = _UNTIL_CLOSE
+        elif contentLengths:
+            values = set()
+            for cl in contentLengths:
+                for item in cl.split(b","):
+                    item = item.strip()
+                    if not _DIGITS.match(item):
+                        raise BadResponse("malformed Content-Length")
+                    values.add(int(item))
+            if len(values) != 1:
+                raise BadResponse("conflicting Content-Length values")
+            length = values.pop()
+            self._remaining = length
+            self._state = _BODY
+        else:
+            self._reusable = False
+            self._state = _UNTIL_CLOSE
+        self.exchange.responseHead(status, reason, headers, length)
+        if self._state == _BODY and not self._remaining and self.exchange is not None:
+            self._responseDone()
+
+    def _responseDone(self) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        self._state = _IDLE
+        if self._buffer:
+            self._reusable = False
+        if self._paused:
+            self.resumeReading()
+        if self._reusable and self._requestSent:
+            self.pool.release(self)
+        else:
+            self.pool._discard(self)
+            self.transport.loseConnection()
+        if exchange is not None:
+            exchange.responseFinished()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.connected = False
+        pool = self.pool
+        pool._connections.discard(self)
+        pool._discard(self)
+        exchange = self.exchange
+        self.exchange = None
+        if exchange is None:
+            return
+        if self._state == _UNTIL_CLOSE:
+            self._state = _IDLE
+            exchange.responseFinished()
+        else:
+            exchange.upstreamLost(reason, self.responseStarted)
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(self, pool: "UpstreamPool", backend: Backend) -> None:
+        self.pool = pool
+        self.backend = backend
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return UpstreamConnection(self.pool, self.backend)
+
+
+def _isIP(host: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == version
+    except ValueError:
+        return False
+
+
+class UpstreamPool:
+    """
+    Kept-alive connections to backends, and new ones on demand.
+
+    Idle connections are reused newest first, so the busy ones stay warm
+    and the spare ones age out: a sweep closes any idle longer than
+    C{idleTimeout}, which must stay below the backends' own keep-alive
+    timeout (Node closes after 5 s) so the balancer is always the side that
+    closes an idle connection.
+
+    @param maxIdlePerBackend: idle connections kept per backend; more are
+        closed as they come free.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        connectTimeout: float = 3.0,
+        maxIdlePerBackend: int = 64,
+        idleTimeout: float = 4.0,
+        tlsOptionsFor: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.connectTimeout = connectTimeout
+        self.maxIdlePerBackend = maxIdlePerBackend
+        self.idleTimeout = idleTimeout
+        self.tlsOptionsFor = tlsOptionsFor
+        self._idle: dict[Backend, list[UpstreamConnection]] = {}
+        self._endpoints: dict[Backend, Any] = {}
+        self._factories: dict[Backend, _ConnectionFactory] = {}
+        self._connections: set[UpstreamConnection] = set()
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = reactor
+        self._closing = False
+
+    def start(self) -> None:
+        if not self._sweeper.running:
+            self._sweeper.start(min(1.0, self.idleTimeout / 4), now=False).addErrback(
+                lambda f: log.failure("idle connection sweep stopped", f)
+            )
+
+    def idleCount(self, backend: Backend) -> int:
+        return len(self._idle.get(backend, ()))
+
+    def takeIdle(self, backend: Backend) -> Optional[UpstreamConnection]:
+        """
+        A kept-alive connection to C{backend}, or L{None} if there is none.
+        """
+        idle = self._idle.get(backend)
+        if idle:
+            conn = idle.pop()
+            conn.reused = True
+            return conn
+        return None
+
+    def connect(self, backend: Backend) -> "defer.Deferred[UpstreamConnection]":
+        """
+        A new connection to C{backend}; fails with the connect error, or
+        L{twisted.internet.error.TimeoutError} after C{connectTimeout}.
+        """
+        endpoint = self._endpoints.get(backend)
+        if endpoint is None:
+            endpoint = self._endpoints[backend] = self._endpointFor(backend)
+            self._factories[backend] = _ConnectionFactory(self, backend)
+        return endpoint.connect(self._factories[backend])
+
+    def _endpointFor(self, backend: Backend) -> Any:
+        host, port, timeout = backend.host, backend.port, self.connectTimeout
+        if _isIP(host, 4):
+            endpoint = TCP4ClientEndpoint(self.reactor, host, port, timeout=timeout)
+        elif _isIP(host, 6):
+            endpoint = TCP6ClientEndpoint(self.reactor, host, port, timeout=timeout)
+        else:
+            endpoint = HostnameEndpoint(self.reactor, host, port, timeout=timeout)
+        if backend.scheme == "https":
+            if self.tlsOptionsFor is None:
+                from twisted.internet.ssl import optionsForClientTLS
+
+                options = optionsForClientTLS(host)
+            else:
+                options = self.tlsOptionsFor(backend)
+            endpoint = wrapClientTLS(options, endpoint)
+        return endpoint
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """
+        A connection finished its exchange cleanly: keep it for the next.
+        """
+        idle = self._idle.get(conn.backend)
+        if idle is None:
+            idle = self._idle[conn.backend] = []
+        if self._closing or len(idle) >= self.maxIdlePerBackend:
+            conn.transport.loseConnection()
+            return
+        conn.idleSince = self.reactor.seconds()
+        idle.append(conn)
+
+    def _discard(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.get(conn.backend)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def _sweep(self) -> None:
+        deadline = self.reactor.seconds() - self.idleTimeout
+        for idle in self._idle.values():
+            # Oldest first: stop at the first one still fresh enough.
+            while idle and idle[0].idleSince <= deadline:
+                idle.pop(0).transport.loseConnection()
+
+    def forget(self, backend: Backend) -> None:
+        """
+        Close the idle connections to a backend that left the pool.
+        """
+        for conn in self._idle.pop(backend, []):
+            conn.transport.loseConnection()
+        self._endpoints.pop(backend, None)
+        self._factories.pop(backend, None)
+
+    def close(self) -> "defer.Deferred[None]":
+        """
+        Close every idle connection and abort the rest.
+
+        @return: a Deferred that fires once they have all gone.
+        """
+        self._closing = True
+        if self._sweeper.running:
+            self._sweeper.stop()
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.transport.loseConnection()
+            idle.clear()
+        for conn in list(self._connections):
+            if conn.exchange is not None:
+                conn.transport.abortConnection()
+        return defer.succeed(None)
+
+
+CONNECT_ERRORS = (
+    error.ConnectError,
+    error.ConnectionRefusedError,
+    error.TimeoutError,
+    error.DNSLookupError,
+    error.NoRouteError,
+)
