@@ -159,11 +159,11 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
     upgrade = False
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon:
-            raise BadRequest(400, "header line without a colon")
         if not _TOKEN.match(name):
-            if name[:1] in (b" ", b"\t"):
+            if line[:1] in (b" ", b"\t"):
                 raise BadRequest(400, "obsolete line folding in headers")
+            if not colon:
+                raise BadRequest(400, "header line without a colon")
             raise BadRequest(400, "malformed header name")
         value = value.strip(b" \t")
         if _BAD_VALUE.search(value):
