@@ -131,7 +131,7 @@ class ProxyExchange:
         self.responded = False
         self.status = 0
         self.sentBytes = 0
-        self.lastError = ""
+        self.errors: list[str] = []
         self._connecting: Any = None
         self._timeoutCall: Any = None
         self._head: Optional[bytes] = None
@@ -177,6 +177,8 @@ class ProxyExchange:
         """
         if self.finished:
             return
+        if not self.responded:
+            self.status = 499  # nginx's "client closed request"
         self._finish()
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None
@@ -195,7 +197,9 @@ class ProxyExchange:
                 if not self.tried:
                     self._fail(503, "no backend available")
                 else:
-                    self._fail(502, "no backend could be reached: " + self.lastError)
+                    self._fail(
+                        502, "no backend could be reached: " + "; ".join(self.errors)
+                    )
                 return
             self.tried.add(backend)
             conn = forwarder.upstreams.takeIdle(backend)
@@ -251,7 +255,7 @@ class ProxyExchange:
         if self.finished or failure.check(CancelledError):
             return
         backend.failures += 1
-        self.lastError = f"{backend.address} {_describe(failure.value)}"
+        self.errors.append(f"{backend.address} {_describe(failure.value)}")
         log.info(
             "connect to backend {backend} failed: {reason}",
             backend=backend.address,
@@ -361,7 +365,7 @@ class ProxyExchange:
                 self._retriedFresh = True
                 self._attempt(backend)
             else:
-                self.lastError = f"{backend.address if backend else '?'} {why}"
+                self.errors.append(f"{backend.address if backend else '?'} {why}")
                 self._attempt(None)
             return
         self._fail(502, f"backend {backend.address if backend else '?'} failed: {why}")
