@@ -468,6 +468,7 @@ class FailureTests(ProxyTestCase):
         for c in b"abcde":
             lb.reactor.advance(5)
             client.send(bytes([c]))
+        self.assertEqual(client.received()[:30], b"", "answered while still uploading")
         self.assertTrue(backend.received().endswith(b"abcde"))
         lb.reactor.advance(5)
         backend.respond(OK)

@@ -1,0 +1,208 @@
+"""
+Tests for txbalancer.tap: the command line and the wiring of the service tree.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from txbalancer.downstream import HTTPServerFactory
+from txbalancer.service import BalancerService
+from txbalancer.tap import Options, makeService
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class OptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.backends = self.mktemp()
+        with open(self.backends, "w") as f:
+            f.write("# test\n127.0.0.1:3001\n127.0.0.1:3002 weight=2\n")
+
+    def parse(self, *args: str) -> Options:
+        options = Options()
+        options.parseOptions(list(args))
+        return options
+
+    def test_defaults(self) -> None:
+        """Every option has the documented default."""
+        options = self.parse("--backends", self.backends)
+        self.assertEqual(options["port"], ["tcp:8000"])
+        self.assertEqual(options["strategy"], "round-robin")
+        self.assertEqual(tuple(options["trusted-proxies"]), ())
+        self.assertEqual(options["connect-timeout"], 3.0)
+        self.assertEqual(options["backend-timeout"], 60.0)
+        self.assertEqual(options["client-timeout"], 60.0)
+        self.assertIsNone(options["access-log"])
+        self.assertIsNone(options["max-body-size"])
+        self.assertEqual(options["max-idle-per-backend"], 64)
+        self.assertEqual(options["upstream-idle-timeout"], 4.0)
+        self.assertEqual(options["drain-timeout"], 30.0)
+        specs = options["backendSpecs"]
+        self.assertEqual([s.address for s in specs], ["127.0.0.1:3001", "127.0.0.1:3002"])
+        self.assertEqual([s.weight for s in specs], [1, 2])
+
+    def test_port_repeatable(self) -> None:
+        """--port may be given several times; a bare number means tcp:N."""
+        options = self.parse(
+            "--port", "8080", "--port", "tcp:9000:interface=127.0.0.1", "-p", "0",
+            "--backends", self.backends,
+        )
+        self.assertEqual(options["port"], ["tcp:8080", "tcp:9000:interface=127.0.0.1", "tcp:0"])
+
+    def test_bad_port(self) -> None:
+        """A bad --port is a usage error naming the value."""
+        e = self.assertRaises(usage.UsageError, self.parse, "--port", "99999", "--backends", self.backends)
+        self.assertIn("99999", str(e))
+
+    def test_values(self) -> None:
+        """Numeric options are parsed, sizes take suffixes, CIDRs become networks."""
+        options = self.parse(
+            "--backends", self.backends,
+            "--connect-timeout", "1.5", "--backend-timeout", "5", "--client-timeout", "7",
+            "--max-body-size", "1k", "--max-idle-per-backend", "3",
+            "--upstream-idle-timeout", "2", "--drain-timeout", "1",
+            "--trusted-proxies", "10.0.0.0/8,::1/128",
+        )
+        self.assertEqual(options["connect-timeout"], 1.5)
+        self.assertEqual(options["backend-timeout"], 5.0)
+        self.assertEqual(options["client-timeout"], 7.0)
+        self.assertIn(options["max-body-size"], (1000, 1024))
+        self.assertEqual(options["max-idle-per-backend"], 3)
+        self.assertEqual(len(options["trusted-proxies"]), 2)
+
+    def test_bad_number(self) -> None:
+        """A non-numeric timeout or count is a usage error."""
+        self.assertRaises(usage.UsageError, self.parse, "--backends", self.backends, "--connect-timeout", "soon")
+        self.assertRaises(usage.UsageError, self.parse, "--backends", self.backends, "--max-idle-per-backend", "-1")
+
+    def test_bad_cidr(self) -> None:
+        """A bad --trusted-proxies value is a usage error."""
+        self.assertRaises(usage.UsageError, self.parse, "--backends", self.backends, "--trusted-proxies", "nope")
+
+    def test_unknown_strategy(self) -> None:
+        """An unknown --strategy is a usage error that lists the valid ones."""
+        e = self.assertRaises(
+            usage.UsageError, self.parse, "--backends", self.backends, "--strategy", "fastest"
+        )
+        self.assertIn("fastest", str(e))
+        self.assertIn("round-robin", str(e))
+
+    def test_missing_backends(self) -> None:
+        """Without --backends it is a usage error."""
+        e = self.assertRaises(usage.UsageError, self.parse)
+        self.assertIn("--backends", str(e))
+
+    def test_broken_backends_file(self) -> None:
+        """A bad line in the backends file stops start-up with FILE:LINE: in one line."""
+        with open(self.backends, "w") as f:
+            f.write("127.0.0.1:3001\n\n127.0.0.1:3001\n")
+        e = self.assertRaises(SystemExit, self.parse, "--backends", self.backends)
+        message = str(e.code)
+        self.assertIn(f"{self.backends}:3:", message)
+        self.assertEqual(len(message.splitlines()), 1)
+
+    def test_missing_backends_file(self) -> None:
+        """A missing backends file stops start-up with a message naming it."""
+        missing = self.mktemp()
+        e = self.assertRaises(SystemExit, self.parse, "--backends", missing)
+        self.assertIn(missing, str(e.code))
+
+    def test_help_lists_every_option(self) -> None:
+        """--help text shows every option of the contract."""
+        text = str(Options())
+        for name in (
+            "--port", "--backends", "--strategy", "--trusted-proxies", "--connect-timeout",
+            "--backend-timeout", "--client-timeout", "--access-log", "--max-body-size",
+            "--max-idle-per-backend", "--upstream-idle-timeout", "--drain-timeout",
+        ):
+            self.assertIn(name, text)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.backends = self.mktemp()
+        with open(self.backends, "w") as f:
+            f.write("127.0.0.1:3001\n127.0.0.1:3002\n")
+
+    def service(self, *args: str):
+        options = Options()
+        options.parseOptions(["--backends", self.backends, *args])
+        reactor = MemoryReactorClock()
+        return makeService(options, reactor), reactor
+
+    def test_listens_on_each_port(self) -> None:
+        """makeService listens on every --port once started, and stops cleanly."""
+        service, reactor = self.service("--port", "8081", "--port", "tcp:8082:interface=127.0.0.1")
+        self.assertIsInstance(service, BalancerService)
+        self.assertEqual(reactor.tcpServers, [])
+        service.startService()
+        self.assertEqual(
+            [(port, interface) for port, factory, backlog, interface in reactor.tcpServers],
+            [(8081, ""), (8082, "127.0.0.1")],
+        )
+        for _, factory, _, _ in reactor.tcpServers:
+            self.assertIsInstance(factory, HTTPServerFactory)
+        self.assertTrue(service.running)
+        self.successResultOf(service.stopService())
+        self.assertFalse(service.running)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_options_reach_the_parts(self) -> None:
+        """Timeouts and limits from the command line reach the factory, forwarder and pool."""
+        service, reactor = self.service(
+            "--client-timeout", "7", "--backend-timeout", "9", "--max-body-size", "100",
+            "--connect-timeout", "2", "--max-idle-per-backend", "5", "--upstream-idle-timeout", "3",
+            "--drain-timeout", "11",
+        )
+        (factory,) = service.factories
+        self.assertEqual(factory.clientTimeout, 7.0)
+        self.assertEqual(factory.maxBodySize, 100)
+        self.assertIs(factory.reactor, reactor)
+        self.assertEqual(service.forwarder.backendTimeout, 9.0)
+        self.assertEqual(service.upstreams.connectTimeout, 2.0)
+        self.assertEqual(service.upstreams.maxIdlePerBackend, 5)
+        self.assertEqual(service.upstreams.idleTimeout, 3.0)
+        self.assertEqual(service.drainTimeout, 11.0)
+        self.assertEqual(len(service.pool.backends), 2)
+
+    def test_access_log_file(self) -> None:
+        """--access-log FILE opens the file; stopping closes it."""
+        path = self.mktemp()
+        service, reactor = self.service("--access-log", path)
+        service.startService()
+        self.successResultOf(service.stopService())
+        self.assertTrue(service.accessLog.stream.closed)
+
+
+class PureImportTests(SynchronousTestCase):
+    def test_pure_modules_leave_reactor_alone(self) -> None:
+        """Importing config, backend, choosers and headers does not import the reactor."""
+        code = (
+            "import sys\n"
+            "import txbalancer.config, txbalancer.backend, txbalancer.choosers, txbalancer.headers\n"
+            "bad = [m for m in sys.modules if m == 'twisted.internet.reactor']\n"
+            "print(bad)\n"
+            "sys.exit(1 if bad else 0)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def test_tap_leaves_reactor_alone(self) -> None:
+        """Importing txbalancer.tap (as twistd --help does) does not import the reactor."""
+        code = (
+            "import sys\nimport txbalancer.tap\n"
+            "sys.exit(1 if 'twisted.internet.reactor' in sys.modules else 0)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
