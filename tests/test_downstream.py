@@ -19,6 +19,9 @@ GET = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
 
 
 class ServerMixin:
+    def tearDown(self) -> None:
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def setUpServer(self, handler=None, **kw):
         self.handler = handler if handler is not None else RecordingHandler()
         self.reactor = MemoryReactorClock()
@@ -505,7 +508,10 @@ class ValidRequestTests(ServerMixin, SynchronousTestCase):
 
         handler = RecordingHandler()
         self.setUpServer(handler=lambda r, s: handler.exchanges.append(Immediate(r, s)) or handler.exchanges[-1])
-        self.proto.dataReceived(GET * 500)
+        try:
+            self.proto.dataReceived(GET * 500)
+        except RecursionError:
+            self.fail("RecursionError: finishResponse re-enters _process once per request")
         self.assertEqual(len(handler.exchanges), 500)
         self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 500)
         self.assertEqual(self.flushLoggedErrors(), [])

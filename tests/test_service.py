@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from txbalancer.accesslog import AccessLog
 from txbalancer.service import BalancerService
-from txbalancer.testing import InMemoryBalancer, serverProtocol
+from txbalancer.testing import InMemoryBalancer
 
 GET = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

@@ -192,7 +192,7 @@ class PureImportTests(SynchronousTestCase):
             "sys.exit(1 if bad else 0)\n"
         )
         result = subprocess.run(
-            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
@@ -203,6 +203,6 @@ class PureImportTests(SynchronousTestCase):
             "sys.exit(1 if 'twisted.internet.reactor' in sys.modules else 0)\n"
         )
         result = subprocess.run(
-            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)

@@ -22,7 +22,8 @@ inside C{loseConnection}.  Call L{InMemoryBalancer.flush} to deliver them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -37,16 +38,16 @@ from txbalancer.proxy import Forwarder
 from txbalancer.upstream import UpstreamConnection, UpstreamPool
 
 __all__ = [
+    "BackendConnection",
+    "ClientConnection",
     "FakeTransport",
+    "InMemoryBalancer",
+    "PendingConnect",
     "RecordingExchange",
     "RecordingHandler",
+    "backendSpecs",
     "serverProtocol",
     "upstreamConnection",
-    "ClientConnection",
-    "BackendConnection",
-    "PendingConnect",
-    "InMemoryBalancer",
-    "backendSpecs",
 ]
 
 
@@ -257,7 +258,7 @@ class PendingConnect:
     A connection attempt the balancer made through the fake reactor.
     """
 
-    def __init__(self, owner: "InMemoryBalancer", index: int) -> None:
+    def __init__(self, owner: InMemoryBalancer, index: int) -> None:
         self.owner = owner
         self.index = index
         host, port, factory, timeout, bindAddress = owner.reactor.tcpClients[index]
