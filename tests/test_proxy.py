@@ -120,7 +120,7 @@ class ForwardingTests(ProxyTestCase):
         client = lb.client()
         client.send(
             b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-Secret\r\n"
-            b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
+            b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: gzip\r\n"
             b"X-Secret: s\r\nUpgrade: h2c\r\nProxy-Authorization: Basic x\r\nX-Kept: k\r\n\r\n"
         )
         raw = lb.acceptConnect().received().lower()
@@ -128,6 +128,15 @@ class ForwardingTests(ProxyTestCase):
                      b"upgrade:", b"proxy-authorization:"):
             self.assertNotIn(b"\r\n" + name, raw)
         self.assertIn(b"\r\nx-kept: k\r\n", raw)
+
+    def test_te_trailers_forwarded(self) -> None:
+        """TE is removed except its trailers token, which is forwarded (DESIGN.md)."""
+        lb = self.balancer()
+        client = lb.client()
+        client.send(b"GET / HTTP/1.1\r\nHost: h\r\nTE: gzip, trailers\r\n\r\n")
+        raw = lb.acceptConnect().received().lower()
+        self.assertIn(b"\r\nte: trailers\r\n", raw)
+        self.assertNotIn(b"gzip", raw)
 
     def test_hop_by_hop_removed_from_response(self) -> None:
         """Hop-by-hop response headers, and those named by Connection, are not passed back."""

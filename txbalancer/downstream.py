@@ -98,6 +98,7 @@ class Request:
         "keepAlive",
         "expectContinue",
         "upgrade",
+        "teTrailers",
         "peer",
         "secure",
         "received",
@@ -114,6 +115,7 @@ class Request:
         self.keepAlive = True
         self.expectContinue = False
         self.upgrade = False
+        self.teTrailers = False
         self.peer = ""
         self.secure = False
         self.received = 0.0
@@ -157,6 +159,7 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
     hosts = []
     expect = None
     upgrade = False
+    teTrailers = False
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not _TOKEN.match(name):
@@ -181,6 +184,8 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
             expect = value.lower()
         elif lname == b"upgrade":
             upgrade = True
+        elif lname == b"te":
+            teTrailers = b"trailers" in [t.strip().lower() for t in value.split(b",")]
         headers.append((name, value))
 
     if transferEncodings:
@@ -247,6 +252,7 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
             raise BadRequest(417, "unsupported expectation")
         request.expectContinue = version == b"HTTP/1.1"
     request.upgrade = upgrade and b"upgrade" in tokens
+    request.teTrailers = teTrailers and b"te" not in tokens
     return request
 
 
@@ -278,6 +284,8 @@ class HTTPServerProtocol(Protocol):
         self._trailerBytes = 0
         self._bodySeen = 0
         self._sawChunk = False
+        self._processing = False
+        self._again = False
         self.peer = ""
         self.secure = False
 
@@ -355,18 +363,34 @@ class HTTPServerProtocol(Protocol):
         self._process()
 
     def _process(self) -> None:
-        try:
-            self._parse()
-        except BadRequest as e:
-            self._refuse(e.status, e.reason)
+        if self._processing:
+            # An answer given synchronously from inside this loop (say, a
+            # 503 for a pipelined request) must not recurse: the loop that
+            # is already running goes round once more instead.
+            self._again = True
             return
-        if self._pendingStart and self._exchange is not None:
-            request = self._request
-            # A chunked body is not forwarded before its first chunk-size
-            # line has been checked, unless the client waits for 100.
-            if not request.chunked or request.expectContinue or self._sawChunk:
-                self._pendingStart = False
-                self._exchange.start()
+        self._processing = True
+        try:
+            again = True
+            while again:
+                self._again = False
+                try:
+                    self._parse()
+                except BadRequest as e:
+                    self._refuse(e.status, e.reason)
+                    return
+                exchange = self._exchange
+                if self._pendingStart and exchange is not None:
+                    request = self._request
+                    # A chunked body is not forwarded before its first
+                    # chunk-size line has been checked, unless the client
+                    # waits for 100 Continue.
+                    if not request.chunked or request.expectContinue or self._sawChunk:
+                        self._pendingStart = False
+                        exchange.start()
+                again = self._again
+        finally:
+            self._processing = False
 
     def _parse(self) -> None:
         factory = self.factory

@@ -169,6 +169,7 @@ class ProxyExchange:
         if conn is not None and self.started:
             conn.finishBody()
             self._stopBodyProducer()
+            self._startTimeout()
 
     def clientGone(self) -> None:
         """
@@ -240,11 +241,18 @@ class ProxyExchange:
             self.server.resumeReading("connect")
         if self.bodyDone:
             conn.finishBody()
+            self._startTimeout()
         else:
             self._bodyProducer = _RequestBodyProducer(self.server)
             conn.transport.registerProducer(self._bodyProducer, True)
+
+    def _startTimeout(self) -> None:
+        """
+        The whole request is with the backend: from now on it has
+        C{backendTimeout} seconds to start its answer.
+        """
         timeout = self.forwarder.backendTimeout
-        if timeout:
+        if timeout and not self.responded:
             self._timeoutCall = self.forwarder.reactor.callLater(
                 timeout, self._timedOut
             )
@@ -279,6 +287,9 @@ class ProxyExchange:
             request.host,
         ):
             lines.append(name + b": " + value + CRLF)
+        if request.teTrailers:
+            # TE is hop-by-hop, but "trailers" in it is kept (DESIGN.md).
+            lines.append(b"TE: trailers\r\n")
         if request.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         elif request.contentLength is not None:
