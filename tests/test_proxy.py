@@ -451,7 +451,7 @@ class FailureTests(ProxyTestCase):
         """With no available backend the answer is 503 and nothing is connected."""
         lb = self.balancer()
         for b in lb.pool.backends:
-            lb.pool.setAvailable(b, False)
+            lb.pool.setHealth(b, "down")
         client = lb.client()
         client.send(GET)
         self.assertTrue(client.received().startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
@@ -631,7 +631,7 @@ class FailureTests(ProxyTestCase):
         """Many pipelined requests answered 503 at once are all answered."""
         lb = self.balancer()
         for b in lb.pool.backends:
-            lb.pool.setAvailable(b, False)
+            lb.pool.setHealth(b, "down")
         client = lb.client()
         try:
             client.send(GET * 300)

@@ -19,7 +19,8 @@ class Backend:
     @ivar active: requests in flight to it right now.
     @ivar requests: requests sent to it since start.
     @ivar failures: connect failures and broken responses since start.
-    @ivar available: whether the chooser may pick it.
+    @ivar available: whether the chooser may pick it now (see the pool).
+    @ivar state: its health: C{"up"}, C{"down"} or C{"draining"}.
     """
 
     __slots__ = (
@@ -33,6 +34,9 @@ class Backend:
         "requests",
         "failures",
         "available",
+        "state",
+        "backup",
+        "maxConns",
     )
 
     def __init__(self, spec: Any) -> None:
@@ -46,6 +50,9 @@ class Backend:
         self.requests = 0
         self.failures = 0
         self.available = True
+        self.state = "up"
+        self.backup: bool = spec.backup
+        self.maxConns: int = spec.max_conns
 
     def __repr__(self) -> str:
         return f"<Backend {self.scheme}://{self.address} weight={self.weight}>"
@@ -59,6 +66,8 @@ class Backend:
             "scheme": self.scheme,
             "weight": self.weight,
             "available": self.available,
+            "state": self.state,
+            "backup": self.backup,
             "active": self.active,
             "requests": self.requests,
             "failures": self.failures,

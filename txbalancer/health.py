@@ -54,7 +54,7 @@ L{OutlierDetector}
 How they meet (what C{tap.makeService} wires)::
 
     def onChange(backend, state, reason):
-        pool.setAvailable(backend, state == "up")
+        pool.setHealth(backend, state, reason)
         if state == "up":
             outliers.returnEarly(backend)   # checks brought it back sooner
 
@@ -537,6 +537,11 @@ def _defaultClient(checker: HealthChecker) -> Any:
     policy = _BackendTLSPolicy(checker)
     directlyProvides(policy, IPolicyForHTTPS)
     pool = HTTPConnectionPool(reactor, persistent=False)
+    # One "Starting/Stopping factory" log line per probe is noise: a pool
+    # builds a factory per connection, so its factory class is made quiet.
+    pool._factory = type(
+        "_QuietHTTP11ClientFactory", (pool._factory,), {"noisy": False}
+    )
     agent = Agent(
         reactor, contextFactory=policy, connectTimeout=checker.timeout, pool=pool
     )

@@ -263,6 +263,7 @@ class ProxyExchange:
         if self.finished or failure.check(CancelledError):
             return
         backend.failures += 1
+        self.forwarder.pool.attemptFinished(backend, False)
         self.errors.append(f"{backend.address} {_describe(failure.value)}")
         log.info(
             "connect to backend {backend} failed: {reason}",
@@ -323,6 +324,7 @@ class ProxyExchange:
         self.responded = True
         self.replay = None
         self.status = status
+        self.forwarder.pool.attemptFinished(self.backend, status < 500)
         self.server.startResponse(status, reason, endToEnd(headers), length)
         if length is None or length > SMALL_RESPONSE:
             self._producing = True
@@ -351,6 +353,8 @@ class ProxyExchange:
         why = _describe(getattr(reason, "value", reason))
         if backend is not None:
             backend.failures += 1
+            if not self.responded:
+                self.forwarder.pool.attemptFinished(backend, False)
         if self.responded:
             log.warn(
                 "backend {backend} broke off the response: {reason}",
@@ -406,6 +410,7 @@ class ProxyExchange:
         self._releaseBackend()
         if backend is not None:
             backend.failures += 1
+            self.forwarder.pool.attemptFinished(backend, False)
         self._fail(
             504,
             f"backend {backend.address if backend else '?'} sent no response "

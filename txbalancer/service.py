@@ -23,6 +23,7 @@ class BalancerService(MultiService):
     """
     @param listeners: C{(endpoint, factory)} pairs, one per C{--port}.
     @param pool: the L{txbalancer.pool.BackendPool}.
+    @param checker: the L{txbalancer.health.HealthChecker}, or L{None}.
     @param upstreams: the L{txbalancer.upstream.UpstreamPool}.
     @param forwarder: the L{txbalancer.proxy.Forwarder}, for its count of
         requests in flight.
@@ -36,6 +37,7 @@ class BalancerService(MultiService):
         forwarder: Any,
         drainTimeout: float = 30.0,
         accessLog: Any = None,
+        checker: Any = None,
     ) -> None:
         MultiService.__init__(self)
         self.pool = pool
@@ -45,7 +47,10 @@ class BalancerService(MultiService):
         self.accessLog = accessLog
         self.factories = []
         self.listeners = []
+        self.checker = checker
         pool.setServiceParent(self)
+        if checker is not None:
+            checker.setServiceParent(self)
         for endpoint, factory in listeners:
             listener = StreamServerEndpointService(endpoint, factory)
             # Fail start-up loudly when a port cannot be bound.
@@ -80,6 +85,8 @@ class BalancerService(MultiService):
             [factory.drain(self.drainTimeout) for factory in self.factories]
         )
         yield self.upstreams.close()
+        if self.checker is not None:
+            yield defer.maybeDeferred(self.checker.stopService)
         yield defer.maybeDeferred(self.pool.stopService)
         Service.stopService(self)
         if self.accessLog is not None:

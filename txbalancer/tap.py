@@ -40,6 +40,34 @@ def _count(value: str) -> int:
     return n
 
 
+def _positive(value: str) -> int:
+    n = _count(value)
+    if n < 1:
+        raise ValueError(f"{value!r} is not at least 1")
+    return n
+
+
+def _percent(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number")
+    if not 0 <= n <= 100:
+        raise ValueError(f"{value!r} is not a percentage between 0 and 100")
+    return n
+
+
+def _statusRange(value: str) -> tuple[int, int]:
+    low, dash, high = value.partition("-")
+    try:
+        lo, hi = int(low), int(high if dash else low)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a status range like 200-399")
+    if not (100 <= lo <= hi <= 599):
+        raise ValueError(f"{value!r} is not a status range like 200-399")
+    return (lo, hi)
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -78,9 +106,39 @@ class Options(usage.Options):
          "Seconds before an idle backend connection is closed; keep it below "
          "the backends' own keep-alive timeout (Node: 5).",
          _seconds("upstream-idle-timeout")],
+        ["health-path", None, "/",
+         "Active health check: GET this path on each backend; a status in "
+         "--health-status is healthy."],
+        ["health-host", None, None,
+         "Host header of health checks. [default: the backend's host:port]"],
+        ["health-status", None, "200-399",
+         "Healthy status codes, LOW-HIGH inclusive.", _statusRange],
+        ["health-interval", None, 5.0, "Seconds between two checks of a "
+         "backend (each backend's first check is jittered).",
+         _seconds("health-interval")],
+        ["health-timeout", None, 2.0, "Seconds a health check may take.",
+         _seconds("health-timeout")],
+        ["rise", None, 2, "Consecutive passed checks that bring a backend up.",
+         _positive],
+        ["fall", None, 3,
+         "Consecutive failed checks that take a backend down.", _positive],
+        ["eject-after", None, 5,
+         "Consecutive failed requests (connect errors, broken responses, 5xx) "
+         "that eject a backend for a while (10 s, doubling on each repeat, up "
+         "to 300 s); 0 turns passive ejection off.", _count],
+        ["max-ejected-percent", None, 50.0,
+         "Never eject more than this percentage of the backends.", _percent],
+        ["panic-threshold", None, 0.0,
+         "When fewer than this percentage of backends are up, balance over "
+         "all of them. 0 turns panic mode off.", _percent],
         ["drain-timeout", None, 30.0,
          "On SIGTERM, seconds to let requests in flight finish before "
          "closing their connections.", _seconds("drain-timeout")],
+    ]
+
+    optFlags = [
+        ["no-health-checks", None, "Turn active health checks off (backends "
+         "are then only taken out by passive ejection)."],
     ]
 
     def __init__(self) -> None:
@@ -115,6 +173,9 @@ class Options(usage.Options):
                 f"unknown --strategy {self['strategy']!r}; choose one of: "
                 + ", ".join(sorted(STRATEGIES))
             )
+        if isinstance(self["health-status"], str):
+            # usage.Options coerces given values only, not defaults.
+            self["health-status"] = _statusRange(self["health-status"])
         if not self["backends"]:
             raise usage.UsageError("--backends FILE is required")
         try:
@@ -154,7 +215,42 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     from txbalancer.service import BalancerService
     from txbalancer.upstream import UpstreamPool
 
-    pool = BackendPool(options["backendSpecs"], STRATEGIES[options["strategy"]]())
+    from txbalancer.health import HealthChecker, OutlierDetector
+
+    pool = BackendPool(
+        options["backendSpecs"],
+        STRATEGIES[options["strategy"]](),
+        panicThreshold=options["panic-threshold"],
+    )
+
+    def healthChanged(backend: Any, state: str, reason: str) -> None:
+        pool.setHealth(backend, state, reason)
+        if state == "up" and pool.outliers is not None:
+            pool.outliers.returnEarly(backend)
+
+    healthHost = options["health-host"]
+    checker = HealthChecker(
+        pool.backends,
+        healthChanged,
+        reactor,
+        path=options["health-path"],
+        host=healthHost.encode("idna") if healthHost else None,
+        interval=options["health-interval"],
+        timeout=options["health-timeout"],
+        rise=options["rise"],
+        fall=options["fall"],
+        statusRange=options["health-status"],
+        active=not options["no-health-checks"],
+    )
+    pool.checker = checker
+    if options["eject-after"]:
+        pool.outliers = OutlierDetector(
+            checker.eject,
+            checker.ejectionEnded,
+            reactor,
+            ejectAfter=options["eject-after"],
+            maxEjectedPercent=options["max-ejected-percent"],
+        )
     upstreams = UpstreamPool(
         reactor,
         connectTimeout=options["connect-timeout"],
@@ -189,4 +285,5 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         forwarder,
         drainTimeout=options["drain-timeout"],
         accessLog=accessLog,
+        checker=checker,
     )
