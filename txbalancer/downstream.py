@@ -661,7 +661,12 @@ class HTTPServerProtocol(Protocol):
             self._disconnected = True
             self.transport.abortConnection()
 
-    def sendError(self, status: int, message: str) -> None:
+    def sendError(
+        self,
+        status: int,
+        message: str,
+        headers: Optional[list[tuple[bytes, bytes]]] = None,
+    ) -> None:
         """
         Answer the current request with a short plain-text error.
         """
@@ -674,7 +679,7 @@ class HTTPServerProtocol(Protocol):
         self.respond(
             status,
             REASONS.get(status, b"Error"),
-            [(b"Content-Type", b"text/plain; charset=utf-8")],
+            [(b"Content-Type", b"text/plain; charset=utf-8")] + (headers or []),
             body,
         )
 

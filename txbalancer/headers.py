@@ -154,3 +154,64 @@ def forwardedHeaders(
     result.append((b"Forwarded", b", ".join(fwd)))
     result.append((b"Via", b", ".join(via)))
     return result
+
+
+def _forwardedFor(value: bytes) -> list[str]:
+    """
+    The C{for=} addresses of a Forwarded header value, in order.
+    """
+    found = []
+    for element in value.split(b","):
+        for pair in element.split(b";"):
+            name, eq, node = pair.strip().partition(b"=")
+            if eq and name.strip().lower() == b"for":
+                node = node.strip().strip(b'"')
+                if node.startswith(b"["):
+                    node = node[1:].partition(b"]")[0]
+                elif node.count(b":") == 1:
+                    node = node.partition(b":")[0]
+                found.append(node.decode("latin-1"))
+    return found
+
+
+def normalizeAddress(address: str) -> str:
+    """
+    An IP address in one canonical text form (IPv4-mapped IPv6 as IPv4), so
+    one client always gives one key; anything else unchanged.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def clientAddress(
+    headers: Sequence[tuple[bytes, bytes]],
+    peer: str,
+    trusted: Sequence[ipaddress._BaseNetwork],
+) -> str:
+    """
+    The address of the client a request comes from: the peer, unless the
+    peer is a trusted proxy; then the right-most address in
+    X-Forwarded-For (or, without it, Forwarded) that is not itself a
+    trusted proxy.  Only trusted hops are believed, so a client cannot
+    choose its own address by sending the header.
+    """
+    if not isTrusted(peer, trusted):
+        return normalizeAddress(peer)
+    chain: list[str] = []
+    forwarded: list[str] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"x-forwarded-for":
+            chain.extend(a.strip().decode("latin-1") for a in value.split(b","))
+        elif lname == b"forwarded":
+            forwarded.extend(_forwardedFor(value))
+    for address in reversed(chain or forwarded):
+        address = normalizeAddress(address)
+        if address and not isTrusted(address, trusted):
+            return address
+    return normalizeAddress(peer)

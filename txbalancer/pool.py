@@ -19,9 +19,14 @@ L{setHealth} and L{status}.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+from collections import deque
 from typing import Any, Iterable, Optional
 
 from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from txbalancer.backend import Backend
@@ -40,14 +45,31 @@ class BackendPool(Service):
     """
 
     def __init__(
-        self, specs: Iterable[Any], chooser: Any, panicThreshold: float = 0.0
+        self,
+        specs: Iterable[Any],
+        chooser: Any,
+        panicThreshold: float = 0.0,
+        *,
+        clock: Any = None,
+        slowStart: float = 0.0,
+        queueSize: int = 0,
+        cookieSecret: Optional[bytes] = None,
     ) -> None:
         self.chooser = chooser
         self.panicThreshold = panicThreshold
+        self.clock = clock
+        self.slowStart = slowStart
+        self.queueSize = queueSize
         self.backends: list[Backend] = [Backend(spec) for spec in specs]
         self.outliers: Any = None
         self.checker: Any = None
         self.panic = False
+        self.waiting: deque[Any] = deque()
+        self._limited = any(b.maxConns for b in self.backends)
+        self._secret = cookieSecret if cookieSecret is not None else os.urandom(32)
+        self._byCookie = {self.cookieFor(b): b for b in self.backends}
+        self._ramping: dict[Backend, float] = {}
+        self._ramp: Optional[LoopingCall] = None
         self._refresh()
 
     def _refresh(self) -> None:
@@ -83,23 +105,153 @@ class BackendPool(Service):
     def setHealth(self, backend: Backend, state: str, reason: str = "") -> None:
         """
         The health of C{backend} changed to C{state} (C{"up"}, C{"down"} or
-        C{"draining"}): only backends that are up take new requests.
+        C{"draining"}): only backends that are up take new requests.  A
+        backend that comes back up ramps its weight with C{slowStart}.
         """
         if backend.state != state:
             backend.state = state
+            if state == "up":
+                self._startRamp(backend)
             self._refresh()
+            if state == "up":
+                self._wakeWaiters()
+
+    # -- choosing
 
     def choose(
         self, request: Any = None, exclude: Any = (), key: Optional[str] = None
     ) -> Optional[Backend]:
         """
-        The backend for C{request}, never one in C{exclude}; L{None} when
-        no backend is left.
+        The backend for a request from client C{key}: never one in
+        C{exclude}, never one at its C{max_conns}; L{None} when none is
+        left (see L{isFull} for why).
         """
         candidates = self._available
-        if exclude:
-            candidates = [b for b in candidates if b not in exclude]
-        return self.chooser.choose(candidates)
+        if exclude or self._limited:
+            candidates = [
+                b
+                for b in candidates
+                if b not in exclude and not (b.maxConns and b.active >= b.maxConns)
+            ]
+        return self.chooser.choose(candidates, key)
+
+    def isFull(self, exclude: Any = ()) -> bool:
+        """
+        Whether some backend could take the request but for its
+        C{max_conns}: then the request may wait in the queue.
+        """
+        return any(
+            b.maxConns and b.active >= b.maxConns
+            for b in self._available
+            if b not in exclude
+        )
+
+    def acquire(self, backend: Backend) -> None:
+        """
+        A request is now in flight to C{backend}.
+        """
+        backend.active += 1
+        backend.requests += 1
+
+    def release(self, backend: Backend) -> None:
+        """
+        A request to C{backend} is over: a request waiting for a free
+        backend may go.
+        """
+        backend.active -= 1
+        if self.waiting and backend.maxConns and backend.active < backend.maxConns:
+            self._wakeWaiters()
+
+    def observe(self, backend: Backend, seconds: float) -> None:
+        """
+        C{backend} took C{seconds} to start its answer (for least-time).
+        """
+        self.chooser.observe(backend, seconds)
+
+    # -- the queue of requests waiting for a backend under max_conns
+
+    def enqueue(self, waiter: Any) -> bool:
+        """
+        Let C{waiter} wait for a free backend: its C{backendFreed()} is
+        called, in FIFO order, when one may have room.
+
+        @return: C{False} when the queue is full (or off).
+        """
+        if len(self.waiting) >= self.queueSize:
+            return False
+        self.waiting.append(waiter)
+        return True
+
+    def dequeue(self, waiter: Any) -> None:
+        """
+        C{waiter} no longer waits (it timed out, or its client left).
+        """
+        try:
+            self.waiting.remove(waiter)
+        except ValueError:
+            pass
+
+    def _wakeWaiters(self) -> None:
+        # Wake waiters one at a time while there is room: each one that
+        # finds a backend takes its slot before the next is woken.
+        while self.waiting:
+            if not any(
+                not b.maxConns or b.active < b.maxConns for b in self._available
+            ):
+                return
+            self.waiting.popleft().backendFreed()
+
+    # -- sticky sessions
+
+    def cookieFor(self, backend: Backend) -> str:
+        """
+        The sticky cookie value naming C{backend}: a keyed hash of its
+        address, opaque to clients and unforgeable without the secret.
+        """
+        digest = hmac.new(
+            self._secret, backend.address.encode("utf-8"), hashlib.sha256
+        ).hexdigest()
+        return digest[:24]
+
+    def backendForCookie(self, value: str) -> Optional[Backend]:
+        """
+        The backend a sticky cookie names, if it is a valid cookie for a
+        backend that may take a request now; otherwise L{None}.
+        """
+        backend = self._byCookie.get(value)
+        if (
+            backend is None
+            or not backend.available
+            or (backend.maxConns and backend.active >= backend.maxConns)
+        ):
+            return None
+        return backend
+
+    # -- slow start
+
+    def _startRamp(self, backend: Backend) -> None:
+        if not self.slowStart or self.clock is None:
+            return
+        self._ramping[backend] = self.clock.seconds()
+        backend.weight = backend.spec.weight * 0.1
+        if self._ramp is None or not self._ramp.running:
+            self._ramp = LoopingCall(self._rampWeights)
+            self._ramp.clock = self.clock
+            self._ramp.start(max(0.1, self.slowStart / 20), now=False).addErrback(
+                lambda f: log.failure("slow start stopped", f)
+            )
+
+    def _rampWeights(self) -> None:
+        now = self.clock.seconds()
+        for backend, since in list(self._ramping.items()):
+            share = (now - since) / self.slowStart
+            if share >= 1 or backend.state != "up":
+                backend.weight = backend.spec.weight
+                del self._ramping[backend]
+            else:
+                backend.weight = backend.spec.weight * max(0.1, share)
+        if not self._ramping and self._ramp is not None and self._ramp.running:
+            self._ramp.stop()
 
     def attemptFinished(self, backend: Backend, ok: bool) -> None:
         """
@@ -113,6 +265,8 @@ class BackendPool(Service):
     def stopService(self) -> Any:
         if self.outliers is not None:
             self.outliers.stop()
+        if self._ramp is not None and self._ramp.running:
+            self._ramp.stop()
         return Service.stopService(self)
 
     def status(self) -> list[dict[str, Any]]:

@@ -19,7 +19,13 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from txbalancer.backend import Backend
-from txbalancer.headers import SET_BY_BALANCER, endToEnd, forwardedHeaders, isTrusted
+from txbalancer.headers import (
+    SET_BY_BALANCER,
+    clientAddress,
+    endToEnd,
+    forwardedHeaders,
+    isTrusted,
+)
 from txbalancer.upstream import UpstreamConnection
 
 log = Logger()
@@ -61,8 +67,14 @@ class Forwarder:
         trustedProxies: Sequence[Any] = (),
         backendTimeout: float = 60.0,
         accessLog: Any = None,
+        needsClientKey: bool = False,
+        stickyCookie: Optional[str] = None,
+        queueTimeout: float = 0.0,
     ) -> None:
         self.pool = pool
+        self.needsClientKey = needsClientKey or accessLog is not None
+        self.stickyCookie = stickyCookie.encode("ascii") if stickyCookie else None
+        self.queueTimeout = queueTimeout
         self.upstreams = upstreams
         self.reactor = reactor
         self.trustedProxies = tuple(trustedProxies)
@@ -139,6 +151,10 @@ class ProxyExchange:
         self._producing = False
         self._retriedFresh = False
         self._activeBackend: Optional[Backend] = None
+        self._queued = False
+        self._sentAt = 0.0
+        self.clientKey: Optional[str] = None
+        self.cookieValue: Optional[str] = None
 
     # -- from the client side
 
@@ -149,7 +165,21 @@ class ProxyExchange:
         if self.finished:
             return
         self.started = True
-        self.forwarder.inFlight += 1
+        forwarder = self.forwarder
+        forwarder.inFlight += 1
+        request = self.request
+        if forwarder.needsClientKey:
+            self.clientKey = clientAddress(
+                request.headers, request.peer, forwarder.trustedProxies
+            )
+        if forwarder.stickyCookie is not None:
+            self.cookieValue = _cookieValue(request.headers, forwarder.stickyCookie)
+            if self.cookieValue is not None:
+                backend = forwarder.pool.backendForCookie(self.cookieValue)
+                if backend is not None:
+                    self.tried.add(backend)
+                    self._attempt(backend, forwarder.upstreams.takeIdle(backend))
+                    return
         self._attempt(None)
 
     def bodyReceived(self, data: bytes) -> None:
@@ -180,6 +210,9 @@ class ProxyExchange:
             return
         if not self.responded:
             self.status = 499  # nginx's "client closed request"
+        if self._queued:
+            self._queued = False
+            self.forwarder.pool.dequeue(self)
         self._finish()
         if self._connecting is not None:
             connecting, self._connecting = self._connecting, None
@@ -190,12 +223,21 @@ class ProxyExchange:
 
     # -- choosing and connecting
 
-    def _attempt(self, sameBackend: Optional[Backend]) -> None:
+    def _attempt(
+        self, chosen: Optional[Backend], conn: Optional[UpstreamConnection] = None
+    ) -> None:
+        """
+        Send the request to C{chosen} (over C{conn}, or a new connection),
+        or to the backend the pool picks.
+        """
         forwarder = self.forwarder
-        if sameBackend is None:
-            backend = forwarder.pool.choose(self.request, self.tried)
+        if chosen is None:
+            pool = forwarder.pool
+            backend = pool.choose(self.request, self.tried, self.clientKey)
             if backend is None:
-                if not self.tried:
+                if pool.isFull(self.tried):
+                    self._wait()
+                elif not self.tried:
                     self._fail(503, "no backend available")
                 else:
                     self._fail(
@@ -205,12 +247,10 @@ class ProxyExchange:
             self.tried.add(backend)
             conn = forwarder.upstreams.takeIdle(backend)
         else:
-            backend = sameBackend
-            conn = None
+            backend = chosen
         self.backend = backend
         self._activeBackend = backend
-        backend.active += 1
-        backend.requests += 1
+        forwarder.pool.acquire(backend)
         if conn is not None:
             self._connected(conn)
             return
@@ -231,6 +271,7 @@ class ProxyExchange:
         if head is None or self.request.host is None:
             head = self._head = self._buildHead(conn.backend)
         request = self.request
+        self._sentAt = self.forwarder.reactor.seconds()
         conn.sendRequest(head, self, request.method == b"HEAD", request.chunked)
         if self.pending:
             pending, self.pending = self.pending, []
@@ -307,6 +348,39 @@ class ProxyExchange:
             else:
                 replay.append(data)
 
+    # -- waiting for a backend under its max_conns
+
+    def _wait(self) -> None:
+        forwarder = self.forwarder
+        if forwarder.queueTimeout and forwarder.pool.enqueue(self):
+            self._queued = True
+            self._timeoutCall = forwarder.reactor.callLater(
+                forwarder.queueTimeout, self._queueTimedOut
+            )
+            return
+        self._fail(503, "every backend is at its max_conns and the queue is full",
+                   retryAfter=True)
+
+    def backendFreed(self) -> None:
+        """
+        The pool has room again: try to pick a backend (this exchange left
+        the queue).
+        """
+        self._queued = False
+        self._cancelTimeout()
+        if not self.finished:
+            self._attempt(None)
+
+    def _queueTimedOut(self) -> None:
+        self._timeoutCall = None
+        self._queued = False
+        self.forwarder.pool.dequeue(self)
+        self._fail(
+            503,
+            f"no backend had room within {self.forwarder.queueTimeout:g}s",
+            retryAfter=True,
+        )
+
     # -- from the backend side
 
     def upstreamContinue(self) -> None:
@@ -324,8 +398,18 @@ class ProxyExchange:
         self.responded = True
         self.replay = None
         self.status = status
-        self.forwarder.pool.attemptFinished(self.backend, status < 500)
-        self.server.startResponse(status, reason, endToEnd(headers), length)
+        forwarder = self.forwarder
+        backend = self.backend
+        pool = forwarder.pool
+        pool.attemptFinished(backend, status < 500)
+        pool.observe(backend, forwarder.reactor.seconds() - self._sentAt)
+        headers = endToEnd(headers)
+        if forwarder.stickyCookie is not None:
+            value = pool.cookieFor(backend)
+            if value != self.cookieValue:
+                headers.append((b"Set-Cookie", _setCookie(
+                    forwarder.stickyCookie, value, self.request.secure)))
+        self.server.startResponse(status, reason, headers, length)
         if length is None or length > SMALL_RESPONSE:
             self._producing = True
             self.server.transport.registerProducer(self, True)
@@ -411,13 +495,14 @@ class ProxyExchange:
         if backend is not None:
             backend.failures += 1
             self.forwarder.pool.attemptFinished(backend, False)
+            self.forwarder.pool.observe(backend, self.forwarder.backendTimeout)
         self._fail(
             504,
             f"backend {backend.address if backend else '?'} sent no response "
             f"within {self.forwarder.backendTimeout:g}s",
         )
 
-    def _fail(self, status: int, message: str) -> None:
+    def _fail(self, status: int, message: str, retryAfter: bool = False) -> None:
         if self.finished:
             return
         log.warn(
@@ -430,7 +515,10 @@ class ProxyExchange:
         )
         self.status = status
         self._finish()
-        self.server.sendError(status, message)
+        if retryAfter:
+            self.server.sendError(status, message, [(b"Retry-After", b"1")])
+        else:
+            self.server.sendError(status, message)
 
     def _finish(self) -> None:
         if self.finished:
@@ -451,7 +539,7 @@ class ProxyExchange:
         backend = self._activeBackend
         if backend is not None:
             self._activeBackend = None
-            backend.active -= 1
+            self.forwarder.pool.release(backend)
 
     def _cancelTimeout(self) -> None:
         call = self._timeoutCall
@@ -480,6 +568,26 @@ class ProxyExchange:
         log.failure("unexpected error while forwarding", failure)
         if not self.finished:
             self._fail(502, "internal error while forwarding")
+
+
+def _cookieValue(headers: Any, name: bytes) -> Optional[str]:
+    """
+    The value of cookie C{name} in a request's Cookie headers, if any.
+    """
+    for header, value in headers:
+        if header.lower() == b"cookie":
+            for pair in value.split(b";"):
+                key, eq, cookie = pair.strip().partition(b"=")
+                if eq and key == name:
+                    return cookie.strip(b'"').decode("latin-1")
+    return None
+
+
+def _setCookie(name: bytes, value: str, secure: bool) -> bytes:
+    cookie = name + b"=" + value.encode("ascii") + b"; Path=/; HttpOnly; SameSite=Lax"
+    if secure:
+        cookie += b"; Secure"
+    return cookie
 
 
 def _describe(exc: Any) -> str:

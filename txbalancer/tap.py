@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import re
+
 from twisted.python import usage
 
 from txbalancer import __version__
@@ -18,6 +20,9 @@ from txbalancer.config import (
     parse_seconds,
     parse_size,
 )
+
+
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
 
 def _seconds(option: str):
@@ -35,6 +40,16 @@ def _count(value: str) -> int:
         n = int(value)
     except ValueError:
         raise ValueError(f"{value!r} is not a whole number")
+    if n < 0:
+        raise ValueError(f"{value!r} is negative")
+    return n
+
+
+def _nonNegative(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number")
     if n < 0:
         raise ValueError(f"{value!r} is negative")
     return n
@@ -80,7 +95,21 @@ class Options(usage.Options):
         ["backends", "b", None, "The backends file: one host:port per line, "
          "optional flags weight=N, max_conns=N, backup. (required)"],
         ["strategy", "s", "round-robin",
-         "How to pick a backend: " + ", ".join(sorted(STRATEGIES)) + "."],
+         "How to pick a backend: " + ", ".join(STRATEGIES)
+         + " (see Strategies below)."],
+        ["sticky-cookie", None, None,
+         "Pin each client to a backend with a cookie of this name (an opaque, "
+         "signed value); a missing, tampered or stale cookie falls back to "
+         "--strategy and is replaced. [default: off]"],
+        ["queue-size", None, 0,
+         "Requests that may wait when every backend is at its max_conns; "
+         "beyond it, 503 with Retry-After.", _count],
+        ["queue-timeout", None, 5.0,
+         "Seconds a request may wait in that queue before 503 with "
+         "Retry-After.", _seconds("queue-timeout")],
+        ["slow-start", None, 0.0,
+         "Seconds over which a backend that comes back up ramps from a tenth "
+         "of its weight to all of it. 0 turns slow start off.", _nonNegative],
         ["trusted-proxies", None, None,
          "CIDR[,CIDR...]: peers whose X-Forwarded-For and Forwarded headers "
          "are kept (the peer's address is appended). From any other peer they "
@@ -145,6 +174,15 @@ class Options(usage.Options):
         usage.Options.__init__(self)
         self["port"] = []
 
+    def getUsage(self, width: Optional[int] = None) -> str:
+        """
+        The usual help, then one line per strategy.
+        """
+        lines = ["", "Strategies (--strategy NAME; weights are honoured by every one):"]
+        for name, cls in STRATEGIES.items():
+            lines.append(f"  {name:<12} {cls.description}")
+        return usage.Options.getUsage(self, width) + "\n".join(lines) + "\n"
+
     def opt_port(self, value: str) -> None:
         """
         Where to listen (repeatable): a TCP port number, or a Twisted
@@ -176,6 +214,9 @@ class Options(usage.Options):
         if isinstance(self["health-status"], str):
             # usage.Options coerces given values only, not defaults.
             self["health-status"] = _statusRange(self["health-status"])
+        cookie = self["sticky-cookie"]
+        if cookie is not None and not _COOKIE_NAME.match(cookie):
+            raise usage.UsageError(f"--sticky-cookie: {cookie!r} is not a cookie name")
         if not self["backends"]:
             raise usage.UsageError("--backends FILE is required")
         try:
@@ -217,10 +258,15 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
 
     from txbalancer.health import HealthChecker, OutlierDetector
 
+    import random
+
     pool = BackendPool(
         options["backendSpecs"],
-        STRATEGIES[options["strategy"]](),
+        STRATEGIES[options["strategy"]](random=random.Random(), clock=reactor.seconds),
         panicThreshold=options["panic-threshold"],
+        clock=reactor,
+        slowStart=options["slow-start"],
+        queueSize=options["queue-size"],
     )
 
     def healthChanged(backend: Any, state: str, reason: str) -> None:
@@ -267,6 +313,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         trustedProxies=options["trusted-proxies"],
         backendTimeout=options["backend-timeout"],
         accessLog=accessLog,
+        needsClientKey=options["strategy"] == "ip-hash",
+        stickyCookie=options["sticky-cookie"],
+        queueTimeout=options["queue-timeout"] if options["queue-size"] else 0.0,
     )
     listeners = []
     for description in options["port"]:
