@@ -99,8 +99,8 @@ class Options(usage.Options):
          + " (see Strategies below)."],
         ["sticky-cookie", None, None,
          "Pin each client to a backend with a cookie of this name (an opaque, "
-         "signed value); a missing, tampered or stale cookie falls back to "
-         "--strategy and is replaced. [default: off]"],
+         "signed value); a missing, tampered or stale cookie falls back to the "
+         "strategy and is replaced. [default: off]"],
         ["queue-size", None, 0,
          "Requests that may wait when every backend is at its max_conns; "
          "beyond it, 503 with Retry-After.", _count],
