@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import re
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from txbalancer import __version__
@@ -21,6 +22,8 @@ from txbalancer.config import (
     parse_size,
 )
 
+
+log = Logger()
 
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
@@ -273,6 +276,15 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         pool.setHealth(backend, state, reason)
         if state == "up" and pool.outliers is not None:
             pool.outliers.returnEarly(backend)
+
+    for backend in pool.backends:
+        if backend.scheme == "https" and not backend.spec.tls_verify:
+            log.warn(
+                "{spec.filename}:{spec.lineno}: TLS to backend {address} is not "
+                "verified (tls_verify=off)",
+                spec=backend.spec,
+                address=backend.address,
+            )
 
     healthHost = options["health-host"]
     checker = HealthChecker(

@@ -458,12 +458,16 @@ class UpstreamPool:
         else:
             endpoint = HostnameEndpoint(self.reactor, host, port, timeout=timeout)
         if backend.scheme == "https":
-            if self.tlsOptionsFor is None:
+            if self.tlsOptionsFor is not None:
+                options = self.tlsOptionsFor(backend)
+            elif not backend.spec.tls_verify:
+                from twisted.internet.ssl import CertificateOptions
+
+                options = CertificateOptions(verify=False)
+            else:
                 from twisted.internet.ssl import optionsForClientTLS
 
                 options = optionsForClientTLS(host)
-            else:
-                options = self.tlsOptionsFor(backend)
             endpoint = wrapClientTLS(options, endpoint)
         return endpoint
 
