@@ -257,7 +257,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     from txbalancer.pool import BackendPool
     from txbalancer.proxy import Forwarder
     from txbalancer.service import BalancerService
-    from txbalancer.upstream import UpstreamPool
+    from txbalancer.upstream import UpstreamPool, backendTLSOptions
 
     from txbalancer.health import HealthChecker, OutlierDetector
 
@@ -299,6 +299,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         fall=options["fall"],
         statusRange=options["health-status"],
         active=not options["no-health-checks"],
+        tlsOptionsFor=backendTLSOptions,
     )
     pool.checker = checker
     if options["eject-after"]:

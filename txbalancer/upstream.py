@@ -383,6 +383,19 @@ def _isIP(host: str, version: int) -> bool:
         return False
 
 
+def backendTLSOptions(backend: Backend) -> Any:
+    """
+    Client TLS options for an C{https://} backend: its certificate verified
+    for its host name against the system's trusted CAs, SNI sent; or, with
+    C{tls_verify=off}, no verification at all.
+    """
+    from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
+
+    if not backend.spec.tls_verify:
+        return CertificateOptions(verify=False)
+    return optionsForClientTLS(backend.host)
+
+
 class UpstreamPool:
     """
     Kept-alive connections to backends, and new ones on demand.
@@ -458,17 +471,8 @@ class UpstreamPool:
         else:
             endpoint = HostnameEndpoint(self.reactor, host, port, timeout=timeout)
         if backend.scheme == "https":
-            if self.tlsOptionsFor is not None:
-                options = self.tlsOptionsFor(backend)
-            elif not backend.spec.tls_verify:
-                from twisted.internet.ssl import CertificateOptions
-
-                options = CertificateOptions(verify=False)
-            else:
-                from twisted.internet.ssl import optionsForClientTLS
-
-                options = optionsForClientTLS(host)
-            endpoint = wrapClientTLS(options, endpoint)
+            tlsOptionsFor = self.tlsOptionsFor or backendTLSOptions
+            endpoint = wrapClientTLS(tlsOptionsFor(backend), endpoint)
         return endpoint
 
     def release(self, conn: UpstreamConnection) -> None:
