@@ -1,0 +1,684 @@
+"""
+TLS termination: the balancer's own pyOpenSSL contexts.
+
+Twisted's C{ssl:} endpoint cannot choose protocol versions, ciphers, curves,
+ALPN protocols or a certificate per server name, and its defaults fail the
+Mozilla "intermediate" profile.  L{ServerTLS} builds one context per
+certificate with that profile and picks among them by SNI; it is an
+L{IOpenSSLServerConnectionCreator}, so it plugs into
+C{TLSMemoryBIOFactory(serverTLS, False, factory)} (see L{tlsServerEndpoint}).
+
+The policy, for every certificate:
+    - TLS 1.2 and 1.3 only;
+    - for TLS 1.2, Mozilla intermediate ECDHE AEAD ciphers in server order
+      (TLS 1.3 suites are all AEAD and left at OpenSSL's defaults);
+    - key exchange groups X25519, P-256, P-384;
+    - no compression, no renegotiation, no session tickets (sessions resume
+      from the server's cache instead, so no long-lived ticket key exists);
+    - ALPN: the first of the configured protocols that the client offers;
+    - SNI: the certificate whose SAN names match, wildcards matching one
+      label; no name or an unknown name gets the first certificate, never a
+      failed handshake.
+
+Everything is read and checked when a L{ServerTLS} is built (a key that does
+not match its certificate, an expired certificate, an unreadable file are
+L{TLSConfigError}s naming the file); L{ServerTLS.reload} reads it all again
+and keeps the old contexts when anything is wrong.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import os
+import re
+from typing import Any, Callable, Optional, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtensionOID, NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from txbalancer.config import ConfigError, _split_endpoint
+
+log = Logger()
+
+# Mozilla intermediate (server side TLS guidelines 5.7), TLS 1.2 part,
+# without the DHE suites: no DH parameters are configured, so OpenSSL would
+# never pick them anyway.
+MOZILLA_INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+GROUPS = "X25519:P-256:P-384"
+SESSION_ID_CONTEXT = b"txbalancer"
+
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL
+)
+
+
+class TLSConfigError(ConfigError):
+    """
+    A TLS setting or file is unusable; the message names the file or option.
+    """
+
+
+class CertSpec:
+    """
+    Where one certificate lives: C{cert} holds the certificate (and possibly
+    its chain after it, as in Let's Encrypt's C{fullchain.pem}), C{key} its
+    private key, C{chain} optional further chain certificates.
+    """
+
+    __slots__ = ("cert", "key", "chain")
+
+    def __init__(self, cert: str, key: str, chain: Optional[str] = None) -> None:
+        self.cert = cert
+        self.key = key
+        self.chain = chain
+
+    def files(self) -> list[str]:
+        return [f for f in (self.cert, self.key, self.chain) if f]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CertSpec):
+            return NotImplemented
+        return (self.cert, self.key, self.chain) == (other.cert, other.key, other.chain)
+
+    def __hash__(self) -> int:
+        return hash((self.cert, self.key, self.chain))
+
+    def __repr__(self) -> str:
+        return f"CertSpec(cert={self.cert!r}, key={self.key!r}, chain={self.chain!r})"
+
+
+# -- parsing listener descriptions
+
+_TWISTED_SSL_KEYS = {"port", "interface", "privateKey", "certKey",
+                     "extraCertChainFile", "backlog"}
+_SHORT_KEYS = {"cert", "key", "chain", "interface"}
+
+
+def _port(value: str, option: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise TLSConfigError(f"{option}: {value!r} is not a port number (0-65535)")
+    return int(value)
+
+
+def parseTLSListener(value: str) -> tuple[int, str, CertSpec]:
+    """
+    Parse a TLS listener description, in either form::
+
+        ssl:8443:privateKey=key.pem:certKey=cert.pem[:extraCertChainFile=chain.pem][:interface=ADDR]
+        8443:cert=fullchain.pem:key=privkey.pem[:chain=chain.pem][:interface=ADDR]
+
+    The first is Twisted's C{ssl:} endpoint (C{certKey} defaults to
+    C{privateKey}, as there); the second is C{--tls}.
+
+    @return: C{(port, interface, CertSpec)}; C{interface} is C{""} for all.
+    @raise TLSConfigError: naming the option that is wrong.
+    """
+    args, kwargs = _split_endpoint(value.strip())
+    if args and args[0].lower() == "ssl":
+        option = "--port"
+        unknown = set(kwargs) - _TWISTED_SSL_KEYS
+        if unknown:
+            raise TLSConfigError(
+                f"{option}: {value!r}: unsupported option(s) "
+                + ", ".join(sorted(unknown))
+                + " (txbalancer sets TLS versions, ciphers and curves itself; "
+                "accepted: privateKey, certKey, extraCertChainFile, interface)"
+            )
+        positional = args[1:]
+        if len(positional) > 1 or (positional and "port" in kwargs):
+            raise TLSConfigError(f"{option}: too many fields in {value!r}")
+        port = positional[0] if positional else kwargs.get("port")
+        if port is None:
+            raise TLSConfigError(f"{option}: {value!r} names no port")
+        key = kwargs.get("privateKey")
+        if not key:
+            raise TLSConfigError(f"{option}: {value!r} has no privateKey=FILE")
+        cert = kwargs.get("certKey") or key
+        chain = kwargs.get("extraCertChainFile") or None
+    else:
+        option = "--tls"
+        unknown = set(kwargs) - _SHORT_KEYS
+        if unknown:
+            raise TLSConfigError(
+                f"{option}: {value!r}: unknown option(s) "
+                + ", ".join(sorted(unknown))
+                + " (accepted: cert, key, chain, interface)"
+            )
+        if len(args) != 1:
+            raise TLSConfigError(
+                f"{option}: {value!r} is not PORT:cert=FILE:key=FILE"
+                "[:chain=FILE][:interface=ADDRESS]"
+            )
+        port = args[0]
+        cert = kwargs.get("cert", "")
+        key = kwargs.get("key", "")
+        if not cert:
+            raise TLSConfigError(f"{option}: {value!r} has no cert=FILE")
+        if not key:
+            raise TLSConfigError(f"{option}: {value!r} has no key=FILE")
+        chain = kwargs.get("chain") or None
+    return _port(port, option), kwargs.get("interface", ""), CertSpec(cert, key, chain)
+
+
+# -- reading and checking files
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSConfigError(f"{path}: cannot read: {e.strerror or e}")
+
+
+def _pemBlocks(data: bytes) -> list[tuple[str, bytes]]:
+    return [(m.group(1).decode("ascii"), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
+
+
+def _certificates(path: str, data: bytes) -> list[x509.Certificate]:
+    certs = []
+    for kind, block in _pemBlocks(data):
+        if kind in ("CERTIFICATE", "TRUSTED CERTIFICATE"):
+            try:
+                certs.append(x509.load_pem_x509_certificate(block))
+            except ValueError as e:
+                raise TLSConfigError(f"{path}: malformed certificate: {e}")
+    return certs
+
+
+def _privateKey(path: str, data: bytes) -> Any:
+    keys = [block for kind, block in _pemBlocks(data) if kind.endswith("PRIVATE KEY")]
+    if not keys:
+        raise TLSConfigError(f"{path}: no PEM private key in this file")
+    if len(keys) > 1:
+        raise TLSConfigError(f"{path}: more than one private key in this file")
+    try:
+        return serialization.load_pem_private_key(keys[0], password=None)
+    except TypeError:
+        raise TLSConfigError(f"{path}: the private key is encrypted (give it unencrypted)")
+    except Exception as e:
+        raise TLSConfigError(f"{path}: unusable private key: {e}")
+
+
+def _publicBytes(key: Any) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def certificateNames(cert: x509.Certificate) -> list[str]:
+    """
+    The DNS names a certificate serves: its SAN DNS names, or its common
+    name when it has no SAN extension; lower case.
+    """
+    try:
+        san = cert.extensions.get_extension_for_oid(
+            ExtensionOID.SUBJECT_ALTERNATIVE_NAME
+        ).value
+    except x509.ExtensionNotFound:
+        return [
+            str(a.value).lower()
+            for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
+    return [name.lower() for name in san.get_values_for_type(x509.DNSName)]
+
+
+def _notAfter(cert: x509.Certificate) -> datetime.datetime:
+    after = getattr(cert, "not_valid_after_utc", None)
+    if after is None:  # cryptography < 42
+        after = cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    return after
+
+
+class _Loaded:
+    """
+    One certificate, checked and ready: its leaf, chain, key and names.
+    """
+
+    def __init__(self, label: str, leaf: Any, chain: list[Any], key: Any) -> None:
+        self.label = label
+        self.leaf = leaf
+        self.chain = chain
+        self.key = key
+        self.names = certificateNames(leaf)
+
+
+def loadCertificate(
+    spec: CertSpec, now: Optional[datetime.datetime] = None
+) -> _Loaded:
+    """
+    Read and check one certificate: it must be readable, unexpired, and its
+    key must match it.
+
+    @raise TLSConfigError: naming the file at fault.
+    """
+    if now is None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+    certData = _read(spec.cert)
+    certs = _certificates(spec.cert, certData)
+    if not certs:
+        raise TLSConfigError(f"{spec.cert}: no PEM certificate in this file")
+    if spec.key == spec.cert:
+        keyData = certData
+    else:
+        keyData = _read(spec.key)
+    key = _privateKey(spec.key, keyData)
+    chain = certs[1:]
+    if spec.chain:
+        extra = _certificates(spec.chain, _read(spec.chain))
+        if not extra:
+            raise TLSConfigError(f"{spec.chain}: no PEM certificate in this file")
+        chain += extra
+    leaf = certs[0]
+    if _publicBytes(key.public_key()) != _publicBytes(leaf.public_key()):
+        raise TLSConfigError(
+            f"{spec.key}: this private key does not match the certificate in {spec.cert}"
+        )
+    after = _notAfter(leaf)
+    if after < now:
+        raise TLSConfigError(
+            f"{spec.cert}: the certificate expired on {after:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    return _Loaded(spec.cert, leaf, chain, key)
+
+
+def _certDirSpecs(certDir: str) -> list[CertSpec]:
+    if not os.path.isdir(certDir):
+        raise TLSConfigError(f"{certDir}: not a directory (--tls-cert-dir)")
+    return [CertSpec(p, p) for p in sorted(glob.glob(os.path.join(certDir, "*.pem")))]
+
+
+def matchName(pattern: str, name: str) -> bool:
+    """
+    Whether certificate name C{pattern} covers server name C{name}: equal
+    ignoring case, or C{*.rest} matching exactly one label before C{rest}.
+    """
+    if pattern == name:
+        return True
+    if pattern.startswith("*."):
+        first, dot, rest = name.partition(".")
+        return bool(first) and bool(dot) and rest == pattern[2:]
+    return False
+
+
+# -- contexts
+
+
+def _setGroups(ctx: SSL.Context) -> None:
+    setGroups = getattr(ctx, "set_groups", None)
+    if setGroups is not None:
+        setGroups(GROUPS.split(":"))
+        return
+    from OpenSSL._util import lib
+
+    setList = getattr(lib, "SSL_CTX_set1_groups_list", None) or getattr(
+        lib, "SSL_CTX_set1_curves_list", None
+    )
+    if setList is not None:
+        if setList(ctx._context, GROUPS.encode("ascii")) != 1:
+            raise TLSConfigError(f"OpenSSL refused the groups {GROUPS}")
+        return
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ctx.set_tmp_ecdh(ec.SECP256R1())
+    ctx.set_options(SSL.OP_SINGLE_ECDH_USE)
+
+
+def _readCAs(path: str) -> list[x509.Certificate]:
+    cas = _certificates(path, _read(path))
+    if not cas:
+        raise TLSConfigError(f"{path}: no PEM certificate in this file (--tls-client-ca)")
+    return cas
+
+
+class _Generation:
+    """
+    Everything one (re)load produced: a context per certificate and the
+    server name table.
+    """
+
+    def __init__(self, default: SSL.Context, byName: dict[str, SSL.Context],
+                 wildcards: dict[str, SSL.Context], names: list[list[str]]) -> None:
+        self.default = default
+        self.byName = byName
+        self.wildcards = wildcards
+        self.names = names
+
+    def contextFor(self, name: Optional[str]) -> SSL.Context:
+        if not name:
+            return self.default
+        name = name.rstrip(".").lower()
+        ctx = self.byName.get(name)
+        if ctx is not None:
+            return ctx
+        first, dot, rest = name.partition(".")
+        if first and dot:
+            ctx = self.wildcards.get(rest)
+            if ctx is not None:
+                return ctx
+        return self.default
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """
+    The server side of TLS for one or more listeners.
+
+    @param certs: the certificates; the first is the default one.
+    @param certDir: a directory of C{*.pem} files, each with a chain and
+        its key, served by SNI after C{certs}.
+    @param clientCA: a CA file: clients must present a certificate it
+        issued (or may, with C{clientOptional}).
+    @param alpn: the application protocols offered, in preference order.
+    """
+
+    def __init__(
+        self,
+        certs: Sequence[CertSpec],
+        certDir: Optional[str] = None,
+        clientCA: Optional[str] = None,
+        clientOptional: bool = False,
+        alpn: Sequence[bytes] = (b"http/1.1",),
+        clock: Optional[Callable[[], datetime.datetime]] = None,
+    ) -> None:
+        self.certs = [
+            CertSpec(os.path.abspath(c.cert), os.path.abspath(c.key),
+                     os.path.abspath(c.chain) if c.chain else None)
+            for c in certs
+        ]
+        self.certDir = os.path.abspath(certDir) if certDir else None
+        self.clientCA = os.path.abspath(clientCA) if clientCA else None
+        self.clientOptional = clientOptional
+        self.alpn = tuple(alpn)
+        self._now = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
+        self._watcher: Any = None
+        self._snapshot: Optional[dict[str, Any]] = None
+        if not self.certs and not self.certDir:
+            raise TLSConfigError("no TLS certificate given")
+        self._generation = self._build()
+
+    # -- loading
+
+    def _specs(self) -> list[CertSpec]:
+        specs = list(self.certs)
+        if self.certDir:
+            specs += _certDirSpecs(self.certDir)
+        if not specs:
+            raise TLSConfigError(f"{self.certDir}: no *.pem files (--tls-cert-dir)")
+        return specs
+
+    def _build(self) -> _Generation:
+        now = self._now()
+        loaded = [loadCertificate(spec, now) for spec in self._specs()]
+        cas = _readCAs(self.clientCA) if self.clientCA else None
+        contexts = [self._context(item, cas) for item in loaded]
+        byName: dict[str, SSL.Context] = {}
+        wildcards: dict[str, SSL.Context] = {}
+        for item, ctx in zip(loaded, contexts):
+            for name in item.names:
+                if name.startswith("*."):
+                    wildcards.setdefault(name[2:], ctx)
+                else:
+                    byName.setdefault(name, ctx)
+        return _Generation(contexts[0], byName, wildcards, [i.names for i in loaded])
+
+    def _context(self, item: _Loaded, cas: Optional[list[Any]]) -> SSL.Context:
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_options(
+            SSL.OP_NO_COMPRESSION
+            | SSL.OP_NO_RENEGOTIATION
+            | SSL.OP_NO_TICKET
+            | SSL.OP_CIPHER_SERVER_PREFERENCE
+        )
+        try:
+            ctx.set_cipher_list(MOZILLA_INTERMEDIATE_CIPHERS.encode("ascii"))
+        except SSL.Error as e:
+            raise TLSConfigError(f"OpenSSL refused the cipher list: {e}")
+        _setGroups(ctx)
+        ctx.set_session_id(SESSION_ID_CONTEXT)
+        try:
+            ctx.use_certificate(item.leaf)
+            for extra in item.chain:
+                ctx.add_extra_chain_cert(extra)
+            ctx.use_privatekey(item.key)
+            ctx.check_privatekey()
+        except (SSL.Error, TypeError, ValueError) as e:
+            raise TLSConfigError(f"{item.label}: OpenSSL refused the certificate: {e}")
+        if cas is not None:
+            assert self.clientCA is not None
+            try:
+                ctx.load_verify_locations(self.clientCA.encode("utf-8"))
+            except SSL.Error as e:
+                raise TLSConfigError(f"{self.clientCA}: unusable CA file: {e}")
+            # The CA names sent in the CertificateRequest, so clients know
+            # which certificate to offer.
+            ctx.load_client_ca(self.clientCA.encode("utf-8"))
+            mode = SSL.VERIFY_PEER
+            if not self.clientOptional:
+                mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+            ctx.set_verify(mode)
+        else:
+            ctx.set_verify(SSL.VERIFY_NONE)
+        ctx.set_tlsext_servername_callback(self._serverName)
+        if self.alpn:
+            ctx.set_alpn_select_callback(self._selectALPN)
+        return ctx
+
+    def reload(self) -> bool:
+        """
+        Read every file again.  On success new handshakes use the new
+        certificates (open connections keep theirs); on any error, log one
+        line naming the file and keep the old ones.
+
+        @return: whether the new files were taken.
+        """
+        try:
+            generation = self._build()
+        except TLSConfigError as e:
+            log.error("TLS reload failed, keeping the old certificates: {error}",
+                      error=str(e))
+            return False
+        except Exception:
+            log.failure("TLS reload failed, keeping the old certificates")
+            return False
+        self._generation = generation
+        log.info("TLS certificates reloaded ({n} certificates)", n=len(generation.names))
+        return True
+
+    # -- watching files
+
+    def files(self) -> list[str]:
+        """
+        Every file the current configuration reads (and the certificate
+        directory itself, whose modification time changes as files come
+        and go).
+        """
+        paths = [p for spec in self.certs for p in spec.files()]
+        if self.certDir:
+            paths.append(self.certDir)
+            paths += sorted(glob.glob(os.path.join(self.certDir, "*.pem")))
+        if self.clientCA:
+            paths.append(self.clientCA)
+        return paths
+
+    def _stat(self) -> dict[str, Any]:
+        snapshot: dict[str, Any] = {}
+        for path in self.files():
+            try:
+                st = os.stat(path)
+            except OSError:
+                snapshot[path] = None
+            else:
+                snapshot[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return snapshot
+
+    def checkFiles(self) -> bool:
+        """
+        Reload if any file changed since the last check (the first check
+        only remembers).  Never raises.
+
+        @return: whether a reload was attempted.
+        """
+        try:
+            snapshot = self._stat()
+            previous, self._snapshot = self._snapshot, snapshot
+            if previous is None or previous == snapshot:
+                return False
+            log.info("TLS files changed; reloading")
+            self.reload()
+            return True
+        except Exception:
+            log.failure("checking TLS files for changes")
+            return False
+
+    def watch(self, reactor: Any, interval: float = 10.0) -> None:
+        """
+        Check the files' modification times every C{interval} seconds and
+        reload when one changed.
+        """
+        from twisted.internet.task import LoopingCall
+
+        self.stopWatching()
+        self._snapshot = self._stat()
+        watcher = LoopingCall(self.checkFiles)
+        watcher.clock = reactor
+        self._watcher = watcher
+        watcher.start(interval, now=False).addErrback(
+            lambda f: log.failure("TLS file watcher stopped", f)
+        )
+
+    def stopWatching(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher.running:
+            watcher.stop()
+
+    # -- handshakes
+
+    @property
+    def serverNames(self) -> list[list[str]]:
+        """
+        The names of each certificate in use, default first.
+        """
+        return self._generation.names
+
+    def contextFor(self, serverName: Optional[str]) -> SSL.Context:
+        """
+        The context serving C{serverName} (the default one for L{None} or an
+        unknown name).
+        """
+        return self._generation.contextFor(serverName)
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """
+        A new server connection on the default context; SNI may switch it.
+        """
+        return SSL.Connection(self._generation.default, None)
+
+    def _serverName(self, connection: SSL.Connection) -> None:
+        try:
+            raw = connection.get_servername()
+            name = raw.decode("ascii", "replace") if raw else None
+            ctx = self._generation.contextFor(name)
+            if ctx is not connection.get_context():
+                connection.set_context(ctx)
+        except Exception:
+            # Whatever happens, the handshake goes on with the default.
+            log.failure("choosing a certificate by server name")
+
+    def _selectALPN(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
+        for proto in self.alpn:
+            if proto in offered:
+                return proto
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+# -- listening
+
+
+@implementer(IStreamServerEndpoint)
+class TLSServerEndpoint:
+    """
+    Listens on TCP and wraps each connection in TLS from a L{ServerTLS}.
+    """
+
+    def __init__(self, reactor: Any, port: int, interface: str, serverTLS: ServerTLS,
+                 backlog: int = 50) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.interface = interface
+        self.serverTLS = serverTLS
+        self.backlog = backlog
+
+    def listen(self, factory: Any) -> Any:
+        from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        cls = TCP6ServerEndpoint if ":" in self.interface else TCP4ServerEndpoint
+        endpoint = cls(self.reactor, self.port, self.backlog, self.interface)
+        return endpoint.listen(TLSMemoryBIOFactory(self.serverTLS, False, factory))
+
+    def __repr__(self) -> str:
+        return f"<TLSServerEndpoint {self.interface or '*'}:{self.port}>"
+
+
+def tlsServerEndpoint(
+    reactor: Any, port: int, interface: str, serverTLS: ServerTLS
+) -> TLSServerEndpoint:
+    """
+    An L{IStreamServerEndpoint} serving TLS from C{serverTLS} on
+    C{interface:port} (C{""} listens on every IPv4 address).
+    """
+    return TLSServerEndpoint(reactor, port, interface, serverTLS)
+
+
+# -- the client's certificate
+
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+
+
+def _escape(text: str) -> str:
+    """
+    Keep a distinguished name header-safe: RFC 4514 hex escapes for every
+    control and non-ASCII character (as UTF-8 bytes).
+    """
+    return _UNSAFE.sub(
+        lambda m: "".join(f"\\{b:02X}" for b in m.group(0).encode("utf-8")), text
+    )
+
+
+def peerCertificateSubject(transport: Any) -> Optional[bytes]:
+    """
+    The subject of the client's certificate on a TLS transport, as an
+    RFC 4514 string (ASCII only, control characters escaped), or L{None}
+    when the client sent none or the transport is not TLS.
+
+    The certificate was verified during the handshake: a L{ServerTLS} with
+    a client CA asks for one and refuses any it cannot verify, and without
+    a client CA none is asked for.
+    """
+    getPeerCertificate = getattr(transport, "getPeerCertificate", None)
+    if getPeerCertificate is None:
+        return None
+    try:
+        cert = getPeerCertificate()
+    except Exception:
+        return None
+    if cert is None:
+        return None
+    if not isinstance(cert, x509.Certificate):
+        cert = cert.to_cryptography()
+    return _escape(cert.subject.rfc4514_string()).encode("ascii")
