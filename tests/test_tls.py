@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Optional
 
 import pytest
 from cryptography import x509
@@ -88,7 +87,7 @@ class PKI:
         commonName: str,
         sans: tuple[str, ...] = (),
         client: bool = False,
-        notAfter: Optional[datetime.datetime] = None,
+        notAfter: datetime.datetime | None = None,
         rsaKey: bool = False,
     ) -> tuple[x509.Certificate, object]:
         if rsaKey:
@@ -164,12 +163,12 @@ def pki(tmp_path) -> PKI:
 
 def handshake(
     serverTLS: ServerTLS,
-    serverName: Optional[bytes] = None,
-    alpn: Optional[list[bytes]] = None,
-    clientCert: Optional[tuple[str, str]] = None,
-    caPath: Optional[str] = None,
-    maxVersion: Optional[int] = None,
-    ciphers: Optional[bytes] = None,
+    serverName: bytes | None = None,
+    alpn: list[bytes] | None = None,
+    clientCert: tuple[str, str] | None = None,
+    caPath: str | None = None,
+    maxVersion: int | None = None,
+    ciphers: bytes | None = None,
 ):
     """
     Run a handshake between a pyOpenSSL client and C{serverTLS} over memory
@@ -393,7 +392,7 @@ def test_chainFile(pki):
 
 def test_tls13Default(pki):
     """A modern client gets TLS 1.3 and a verified certificate."""
-    client, server = handshake(ServerTLS([pki.server("a", "a.example")]),
+    client, _server = handshake(ServerTLS([pki.server("a", "a.example")]),
                                serverName=b"a.example", caPath=pki.caPath)
     assert client.get_protocol_version_name() == "TLSv1.3"
 
@@ -538,7 +537,7 @@ def test_alpn(pki, configured, offered, expected):
     """ALPN picks the server's preferred protocol the client offers; no
     overlap is not a failed handshake."""
     serverTLS = ServerTLS([pki.server("a", "a.example")], alpn=configured)
-    client, server = handshake(serverTLS, alpn=offered)
+    _client, server = handshake(serverTLS, alpn=offered)
     assert server.get_alpn_proto_negotiated() == expected
 
 
@@ -728,7 +727,7 @@ def test_watchSurvivesErrors(pki, logged):
 
 def test_pathsAreAbsolute(pki, monkeypatch, tmp_path):
     """Relative paths are resolved at start, so reload works after a chdir."""
-    spec = pki.server("a", "a.example")
+    pki.server("a", "a.example")
     monkeypatch.chdir(pki.dir)
     serverTLS = ServerTLS([CertSpec("a.crt", "a.key")])
     monkeypatch.chdir(tmp_path.parent)
@@ -749,7 +748,7 @@ def test_endpointListensWithTLS(pki):
     endpoint = tls.tlsServerEndpoint(reactor, 8443, "127.0.0.1", serverTLS)
     factory = Factory.forProtocol(Protocol)
     endpoint.listen(factory)
-    port, wrapped, backlog, interface = reactor.tcpServers[0]
+    port, wrapped, _backlog, interface = reactor.tcpServers[0]
     assert (port, interface) == (8443, "127.0.0.1")
     assert isinstance(wrapped, TLSMemoryBIOFactory)
     assert wrapped.wrappedFactory is factory

@@ -32,7 +32,8 @@ import datetime
 import glob
 import os
 import re
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -78,9 +79,9 @@ class CertSpec:
     private key, C{chain} optional further chain certificates.
     """
 
-    __slots__ = ("cert", "key", "chain")
+    __slots__ = ("cert", "chain", "key")
 
-    def __init__(self, cert: str, key: str, chain: Optional[str] = None) -> None:
+    def __init__(self, cert: str, key: str, chain: str | None = None) -> None:
         self.cert = cert
         self.key = key
         self.chain = chain
@@ -209,7 +210,7 @@ def _privateKey(path: str, data: bytes) -> Any:
         return serialization.load_pem_private_key(keys[0], password=None)
     except TypeError:
         raise TLSConfigError(f"{path}: the private key is encrypted (give it unencrypted)")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         raise TLSConfigError(f"{path}: unusable private key: {e}")
 
 
@@ -257,7 +258,7 @@ class _Loaded:
 
 
 def loadCertificate(
-    spec: CertSpec, now: Optional[datetime.datetime] = None
+    spec: CertSpec, now: datetime.datetime | None = None
 ) -> _Loaded:
     """
     Read and check one certificate: it must be readable, unexpired, and its
@@ -357,7 +358,7 @@ class _Generation:
         self.wildcards = wildcards
         self.names = names
 
-    def contextFor(self, name: Optional[str]) -> SSL.Context:
+    def contextFor(self, name: str | None) -> SSL.Context:
         if not name:
             return self.default
         name = name.rstrip(".").lower()
@@ -388,11 +389,11 @@ class ServerTLS:
     def __init__(
         self,
         certs: Sequence[CertSpec],
-        certDir: Optional[str] = None,
-        clientCA: Optional[str] = None,
+        certDir: str | None = None,
+        clientCA: str | None = None,
         clientOptional: bool = False,
         alpn: Sequence[bytes] = (b"http/1.1",),
-        clock: Optional[Callable[[], datetime.datetime]] = None,
+        clock: Callable[[], datetime.datetime] | None = None,
     ) -> None:
         self.certs = [
             CertSpec(os.path.abspath(c.cert), os.path.abspath(c.key),
@@ -405,7 +406,7 @@ class ServerTLS:
         self.alpn = tuple(alpn)
         self._now = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
         self._watcher: Any = None
-        self._snapshot: Optional[dict[str, Any]] = None
+        self._snapshot: dict[str, Any] | None = None
         if not self.certs and not self.certDir:
             raise TLSConfigError("no TLS certificate given")
         self._generation = self._build()
@@ -435,7 +436,7 @@ class ServerTLS:
                     byName.setdefault(name, ctx)
         return _Generation(contexts[0], byName, wildcards, [i.names for i in loaded])
 
-    def _context(self, item: _Loaded, cas: Optional[list[Any]]) -> SSL.Context:
+    def _context(self, item: _Loaded, cas: list[Any] | None) -> SSL.Context:
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_options(
@@ -492,7 +493,7 @@ class ServerTLS:
             log.error("TLS reload failed, keeping the old certificates: {error}",
                       error=str(e))
             return False
-        except Exception:
+        except Exception:  # noqa: BLE001
             log.failure("TLS reload failed, keeping the old certificates")
             return False
         self._generation = generation
@@ -541,7 +542,7 @@ class ServerTLS:
             log.info("TLS files changed; reloading")
             self.reload()
             return True
-        except Exception:
+        except Exception:  # noqa: BLE001
             log.failure("checking TLS files for changes")
             return False
 
@@ -575,7 +576,7 @@ class ServerTLS:
         """
         return self._generation.names
 
-    def contextFor(self, serverName: Optional[str]) -> SSL.Context:
+    def contextFor(self, serverName: str | None) -> SSL.Context:
         """
         The context serving C{serverName} (the default one for L{None} or an
         unknown name).
@@ -595,7 +596,7 @@ class ServerTLS:
             ctx = self._generation.contextFor(name)
             if ctx is not connection.get_context():
                 connection.set_context(ctx)
-        except Exception:
+        except Exception:  # noqa: BLE001
             # Whatever happens, the handshake goes on with the default.
             log.failure("choosing a certificate by server name")
 
@@ -660,7 +661,7 @@ def _escape(text: str) -> str:
     )
 
 
-def peerCertificateSubject(transport: Any) -> Optional[bytes]:
+def peerCertificateSubject(transport: Any) -> bytes | None:
     """
     The subject of the client's certificate on a TLS transport, as an
     RFC 4514 string (ASCII only, control characters escaped), or L{None}
@@ -675,7 +676,7 @@ def peerCertificateSubject(transport: Any) -> Optional[bytes]:
         return None
     try:
         cert = getPeerCertificate()
-    except Exception:
+    except Exception:  # noqa: BLE001
         return None
     if cert is None:
         return None
