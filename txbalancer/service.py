@@ -9,6 +9,7 @@ closes its kept-alive backend connections, then lets twistd exit.
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
@@ -38,8 +39,10 @@ class BalancerService(MultiService):
         drainTimeout: float = 30.0,
         accessLog: Any = None,
         checker: Any = None,
+        reactor: Any = None,
     ) -> None:
         MultiService.__init__(self)
+        self.reactor = reactor
         self.pool = pool
         self.upstreams = upstreams
         self.forwarder = forwarder
@@ -91,4 +94,9 @@ class BalancerService(MultiService):
         Service.stopService(self)
         if self.accessLog is not None:
             self.accessLog.close()
+        # twistd kills itself with the signal that stopped the reactor, so
+        # the exit status would say "killed by SIGTERM".  A SIGTERM that
+        # ended in a finished graceful stop is a clean exit: status 0.
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
         log.info("stopped")

@@ -348,4 +348,5 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         drainTimeout=options["drain-timeout"],
         accessLog=accessLog,
         checker=checker,
+        reactor=reactor,
     )
