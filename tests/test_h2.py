@@ -1,0 +1,433 @@
+"""
+Unit tests for txbalancer.h2: HTTP/2 streams proxied by the real balancer
+(txbalancer.testing.InMemoryBalancer) to in-memory HTTP/1.1 backends, with
+an h2 client state machine on the other side.  No sockets, no real time.
+"""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import pytest
+from twisted.internet.testing import StringTransport
+
+from txbalancer.downstream import HTTPServerProtocol
+from txbalancer.h2 import H2ProxyConnection, NegotiatingFactory
+from txbalancer.testing import FakeTransport, InMemoryBalancer, RecordingHandler
+
+AUTHORITY = b"app.example"
+
+
+class H2Client:
+    """
+    An h2 client state machine talking to an L{H2ProxyConnection} over a
+    L{FakeTransport}.
+    """
+
+    def __init__(self, balancer: InMemoryBalancer, **kw) -> None:
+        self.balancer = balancer
+        self.reactor = balancer.reactor
+        self.server = H2ProxyConnection(balancer.factory, balancer.reactor, **kw)
+        self.transport = FakeTransport()
+        self.transport.protocol = self.server
+        balancer._transports.append(self.transport)
+        self.server.makeConnection(self.transport)
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.conn.initiate_connection()
+        self.events: list = []
+        self.flush()
+
+    def pump(self) -> None:
+        """
+        Run the server's sending loop until it has nothing due.
+        """
+        for _ in range(1000):
+            if not any(c.getTime() <= self.reactor.seconds()
+                       for c in self.reactor.getDelayedCalls()):
+                break
+            self.reactor.advance(0)
+
+    def flush(self) -> list:
+        """
+        Send what the client has queued, let the server answer, read it.
+        """
+        for _ in range(50):
+            out = self.conn.data_to_send()
+            if out:
+                self.server.dataReceived(out)
+            self.pump()
+            data = self.transport.value()
+            self.transport.clear()
+            if data:
+                self.events += self.conn.receive_data(data)
+            if not out and not data:
+                break
+        return self.events
+
+    def request(self, method=b"GET", path=b"/", headers=(), body=None, end=True):
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(
+            sid,
+            [(b":method", method), (b":path", path), (b":scheme", b"https"),
+             (b":authority", AUTHORITY), *headers],
+            end_stream=end and body is None,
+        )
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=end)
+        self.flush()
+        return sid
+
+    def of(self, sid, kind):
+        return [e for e in self.events if isinstance(e, kind)
+                and getattr(e, "stream_id", sid) == sid]
+
+    def response(self, sid):
+        headers = dict(self.of(sid, h2.events.ResponseReceived)[0].headers)
+        body = b"".join(e.data for e in self.of(sid, h2.events.DataReceived))
+        ended = bool(self.of(sid, h2.events.StreamEnded))
+        return headers, body, ended
+
+
+@pytest.fixture
+def balancer():
+    return InMemoryBalancer(["127.0.0.1:3001"], secure=True)
+
+
+def test_getIsProxied(balancer):
+    """A GET on a stream reaches the backend as HTTP/1.1 with Host from
+    :authority, and the response comes back on the stream."""
+    client = H2Client(balancer)
+    sid = client.request(path=b"/hello?x=1", headers=[(b"accept", b"*/*")])
+    backend = balancer.acceptConnect()
+    head = backend.received()
+    assert head.startswith(b"GET /hello?x=1 HTTP/1.1\r\nHost: app.example\r\n")
+    assert b"accept: */*\r\n" in head
+    assert b"X-Forwarded-Proto: https" in head
+    backend.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-App: 1\r\n"
+                    b"Connection: keep-alive\r\n\r\nhello")
+    client.flush()
+    headers, body, ended = client.response(sid)
+    assert headers[b":status"] == b"200"
+    assert headers[b"x-app"] == b"1" and headers[b"content-length"] == b"5"
+    assert b"connection" not in headers
+    assert (body, ended) == (b"hello", True)
+
+
+def test_chunkedResponseStreams(balancer):
+    """A chunked backend response arrives as DATA frames, ended once."""
+    client = H2Client(balancer)
+    sid = client.request()
+    backend = balancer.acceptConnect()
+    backend.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    client.flush()
+    assert client.response(sid)[1:] == (b"abc", False)
+    backend.respond(b"2\r\nde\r\n0\r\n\r\n")
+    client.flush()
+    headers, body, ended = client.response(sid)
+    assert (body, ended) == (b"abcde", True)
+    assert b"transfer-encoding" not in headers
+
+
+def test_postWithLength(balancer):
+    """A body with content-length is forwarded with Content-Length."""
+    client = H2Client(balancer)
+    sid = client.request(b"POST", b"/up", [(b"content-length", b"4")], body=b"data")
+    backend = balancer.acceptConnect()
+    sent = backend.received()
+    assert b"Content-Length: 4\r\n\r\ndata" in sent
+    backend.respond(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    client.flush()
+    assert client.response(sid)[0][b":status"] == b"201"
+
+
+def test_postWithoutLengthIsChunked(balancer):
+    """A body of unknown length goes to the backend chunked."""
+    client = H2Client(balancer)
+    client.request(b"POST", b"/up", body=b"abc", end=False)
+    backend = balancer.acceptConnect()
+    sid = 1
+    client.conn.send_data(sid, b"de", end_stream=True)
+    client.flush()
+    sent = backend.received()
+    assert b"Transfer-Encoding: chunked\r\n" in sent
+    assert sent.endswith(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+
+
+def test_emptyPostHasLengthZero(balancer):
+    """A POST whose HEADERS end the stream is sent with Content-Length: 0."""
+    client = H2Client(balancer)
+    client.request(b"POST", b"/x")
+    assert b"Content-Length: 0\r\n" in balancer.acceptConnect().received()
+
+
+def test_cookiesJoined(balancer):
+    """HTTP/2 cookie crumbs become one Cookie header (RFC 9113 8.2.3)."""
+    handler = RecordingHandler()
+    balancer.factory.handler = handler
+    client = H2Client(balancer)
+    client.request(headers=[(b"cookie", b"a=1"), (b"cookie", b"b=2")])
+    request = handler.exchanges[0].request
+    assert (b"cookie", b"a=1; b=2") in request.headers
+    assert request.version == b"HTTP/2" and request.secure
+    assert request.host == AUTHORITY and request.peer == "203.0.113.7"
+
+
+def test_unreachableBackend502(balancer):
+    """Failures are answered on the stream like on HTTP/1.1."""
+    client = H2Client(balancer)
+    sid = client.request()
+    balancer.failConnect()
+    client.flush()
+    headers, body, ended = client.response(sid)
+    assert headers[b":status"] == b"502"
+    assert headers[b"content-type"].startswith(b"text/plain")
+    assert ended and b"could be reached" in body
+
+
+def test_headHasNoBody(balancer):
+    """A HEAD response keeps content-length and sends no DATA."""
+    client = H2Client(balancer)
+    sid = client.request(b"HEAD")
+    backend = balancer.acceptConnect()
+    backend.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    client.flush()
+    headers, body, ended = client.response(sid)
+    assert headers[b"content-length"] == b"10" and body == b"" and ended
+
+
+def test_clientResetCancelsBackend(balancer):
+    """A stream reset by the client aborts its backend request."""
+    client = H2Client(balancer)
+    sid = client.request()
+    backend = balancer.acceptConnect()
+    client.conn.reset_stream(sid)
+    client.flush()
+    balancer.flush()
+    assert backend.closed
+    # The connection itself keeps serving.
+    sid2 = client.request()
+    assert balancer.acceptConnect().received().startswith(b"GET / HTTP/1.1")
+    assert sid2 == 3
+
+
+def test_dataAfterResponseIgnored(balancer):
+    """Body data for a stream we already answered does not break the
+    connection (Twisted looks streams up unchecked)."""
+    balancer.factory.maxBodySize = 2
+    client = H2Client(balancer)
+    sid = client.request(b"POST", b"/", [(b"content-length", b"6")], body=b"abc",
+                         end=False)
+    headers, _, ended = client.response(sid)
+    assert headers[b":status"] == b"413" and ended
+    client.conn.send_data(sid, b"def", end_stream=True)
+    client.flush()
+    assert not client.transport.disconnecting
+    sid2 = client.request()
+    assert balancer.acceptConnect().received().startswith(b"GET / HTTP/1.1")
+    assert sid2 == 3
+
+
+def test_contentLengthTooLarge(balancer):
+    """A declared body over --max-body-size is 413 before any backend."""
+    balancer.factory.maxBodySize = 10
+    client = H2Client(balancer)
+    sid = client.request(b"PUT", b"/", [(b"content-length", b"11")], body=b"x" * 11)
+    assert client.response(sid)[0][b":status"] == b"413"
+    assert not balancer.pendingConnects()
+
+
+def test_connectIsRefused(balancer):
+    """Extended CONNECT and other malformed requests never reach a backend."""
+    client = H2Client(balancer)
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, [(b":method", b"CONNECT"),
+                                   (b":authority", b"x:443")], end_stream=True)
+    client.flush()
+    assert client.response(sid)[0][b":status"] == b"501"
+    assert not balancer.pendingConnects()
+
+
+def test_expectContinueFromBackend(balancer):
+    """100-continue is relayed when the backend sends it, not before."""
+    client = H2Client(balancer)
+    sid = client.request(b"POST", b"/", [(b"content-length", b"2"),
+                                         (b"expect", b"100-continue")], end=False)
+    assert not client.of(sid, h2.events.InformationalResponseReceived)
+    backend = balancer.acceptConnect()
+    backend.respond(b"HTTP/1.1 100 Continue\r\n\r\n")
+    client.flush()
+    info = client.of(sid, h2.events.InformationalResponseReceived)
+    assert dict(info[0].headers)[b":status"] == b"100"
+
+
+def test_rapidReset(balancer):
+    """Past maxResets resets within the window, GOAWAY ENHANCE_YOUR_CALM and
+    the connection closes; every backend attempt is cancelled."""
+    client = H2Client(balancer, maxResets=10, resetWindow=10.0)
+    for _ in range(11):
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(sid, [(b":method", b"GET"), (b":path", b"/"),
+                                       (b":scheme", b"https"),
+                                       (b":authority", AUTHORITY)], end_stream=True)
+        client.conn.reset_stream(sid)
+    client.flush()
+    goaways = [e for e in client.events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaways and goaways[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert client.transport.disconnecting
+    assert balancer.factory.counters["h2_rapid_reset"] == 1
+    balancer.flush()
+    assert balancer.forwarder.inFlight == 0
+    assert client.server not in balancer.factory.connections
+
+
+def test_resetsSpreadOutAreFine(balancer):
+    """Resets below the rate limit leave the connection open."""
+    client = H2Client(balancer, maxResets=5, resetWindow=10.0)
+    for _ in range(12):
+        sid = client.request()
+        client.conn.reset_stream(sid)
+        client.flush()
+        balancer.reactor.advance(3)
+    assert not client.transport.disconnecting
+
+
+def test_backpressureOnRequestBody(balancer):
+    """While the exchange pauses reading, the stream's window is not
+    reopened, so the client must stop sending."""
+    handler = RecordingHandler()
+    balancer.factory.handler = handler
+    client = H2Client(balancer)
+    sid = client.request(b"POST", b"/", body=b"a" * 1000, end=False)
+    exchange = handler.exchanges[0]
+    server = exchange.server
+    server.pauseReading("upstream")
+    for _ in range(4):
+        client.conn.send_data(sid, b"b" * 10000)
+    client.flush()
+    # What the client may still send on this stream: nothing was given back.
+    assert client.conn.local_flow_control_window(sid) == 65535 - 41000
+    assert exchange.body == b"a" * 1000
+    server.resumeReading("upstream")
+    client.flush()
+    assert exchange.body == b"a" * 1000 + b"b" * 40000
+    assert client.conn.local_flow_control_window(sid) == 65535
+
+
+def test_pausedStreamDoesNotStallOthers(balancer):
+    """A paused upload holds its own window only: other streams still flow."""
+    handler = RecordingHandler()
+    balancer.factory.handler = handler
+    client = H2Client(balancer)
+    first = client.request(b"POST", b"/", end=False)
+    handler.exchanges[0].server.pauseReading("upstream")
+    for _ in range(4):
+        client.conn.send_data(first, b"x" * 16000)
+    client.flush()
+    assert client.conn.local_flow_control_window(first) < 2000
+    second = client.request(b"POST", b"/", body=b"y" * 16000, end=False)
+    client.conn.send_data(second, b"y" * 16000, end_stream=True)
+    client.flush()
+    assert handler.exchanges[1].body == b"y" * 32000
+    assert handler.exchanges[1].complete
+
+
+def frames(data: bytes) -> list:
+    """
+    Raw frames in C{data} (h2's client state machine stops reading after a
+    GOAWAY, so a graceful one is checked frame by frame).
+    """
+    from hyperframe.frame import Frame
+
+    out = []
+    while data:
+        frame, length = Frame.parse_frame_header(data[:9])
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        out.append(frame)
+        data = data[9 + length :]
+    return out
+
+
+def test_drainSendsGoAway(balancer):
+    """A graceful stop sends GOAWAY, lets the open stream finish, then closes."""
+    negotiating = NegotiatingFactory(balancer.factory, balancer.reactor)
+    client = H2Client(balancer)
+    sid = client.request()
+    idle = H2Client(balancer)
+    backend = balancer.acceptConnect()
+    done = []
+    negotiating.drain(30).addCallback(done.append)
+    assert idle.transport.disconnecting
+    client.pump()
+    (goaway,) = frames(client.transport.value())
+    assert goaway.type == 0x7 and goaway.error_code == 0
+    assert goaway.last_stream_id == sid
+    assert not client.transport.disconnecting
+    client.transport.clear()
+    backend.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    client.pump()
+    sent = frames(client.transport.value())
+    assert [f.type for f in sent] == [0x1, 0x0, 0x0]  # HEADERS, DATA, END
+    assert sent[1].data == b"ok" and "END_STREAM" in sent[2].flags
+    assert client.transport.disconnecting
+    balancer.flush()
+    assert done == [None]
+
+
+def test_idleTimeout(balancer):
+    """An idle HTTP/2 connection is closed after the client timeout."""
+    client = H2Client(balancer)
+    balancer.reactor.advance(balancer.factory.clientTimeout + 1)
+    assert client.transport.disconnecting
+
+
+# -- the negotiator
+
+
+class _TLSLike(StringTransport):
+    def __init__(self, negotiated):
+        StringTransport.__init__(self)
+        self.negotiatedProtocol = negotiated
+        self.wrappedProtocol = None
+        self.producer = None
+
+
+@pytest.mark.parametrize("negotiated, kind", [
+    (b"h2", H2ProxyConnection),
+    (b"http/1.1", HTTPServerProtocol),
+    (None, HTTPServerProtocol),
+])
+def test_negotiator(balancer, negotiated, kind):
+    """The protocol follows ALPN, and takes the negotiator's place."""
+    factory = NegotiatingFactory(balancer.factory, balancer.reactor)
+    negotiator = factory.buildProtocol(None)
+    transport = _TLSLike(negotiated)
+    transport.wrappedProtocol = negotiator
+    negotiator.makeConnection(transport)
+    if negotiated == b"h2":
+        c = h2.connection.H2Connection()
+        c.initiate_connection()
+        data = c.data_to_send()
+    else:
+        data = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    negotiator.dataReceived(data)
+    assert isinstance(transport.wrappedProtocol, kind)
+    assert transport.wrappedProtocol in balancer.factory.connections
+    if kind is H2ProxyConnection:
+        assert transport.producer is transport.wrappedProtocol
+    else:
+        assert balancer.pendingConnects()
+
+
+def test_negotiatorTimesOutSilentClients(balancer):
+    """A connection that never completes a handshake is aborted after the
+    client timeout."""
+    factory = NegotiatingFactory(balancer.factory, balancer.reactor)
+    negotiator = factory.buildProtocol(None)
+    transport = _TLSLike(None)
+    negotiator.makeConnection(transport)
+    balancer.reactor.advance(balancer.factory.clientTimeout)
+    assert transport.disconnecting
