@@ -503,7 +503,7 @@ class H2ProxyConnection(H2Connection):
         while resets and resets[0] < horizon:
             resets.popleft()
         if len(resets) > self.maxResets and not self._lost:
-            log.warning(
+            log.warn(  # noqa: G010 - twisted.logger.Logger has warn()
                 "HTTP/2 client {peer} reset {n} streams within {window}s: "
                 "closing the connection (rapid reset)",
                 peer=self.peer,
