@@ -6,10 +6,17 @@ an h2 client state machine on the other side.  No sockets, no real time.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import pytest
 from twisted.internet.testing import StringTransport
 
@@ -278,6 +285,8 @@ def test_rapidReset(balancer):
     goaways = [e for e in client.events if isinstance(e, h2.events.ConnectionTerminated)]
     assert goaways and goaways[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     assert client.transport.disconnecting
+    # Unregistered, or a TLS transport would never finish closing.
+    assert client.transport.producer is None
     assert balancer.factory.counters["h2_rapid_reset"] == 1
     balancer.flush()
     assert balancer.forwarder.inFlight == 0
@@ -373,6 +382,7 @@ def test_drainSendsGoAway(balancer):
     assert [f.type for f in sent] == [0x1, 0x0, 0x0]  # HEADERS, DATA, END
     assert sent[1].data == b"ok" and "END_STREAM" in sent[2].flags
     assert client.transport.disconnecting
+    assert client.transport.producer is None
     balancer.flush()
     assert done == [None]
 
@@ -431,3 +441,174 @@ def test_negotiatorTimesOutSilentClients(balancer):
     negotiator.makeConnection(transport)
     balancer.reactor.advance(balancer.factory.clientTimeout)
     assert transport.disconnecting
+
+
+# -- real sockets: curl --http2 and h2load through TLS to a tiny backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BOUND = 120  # seconds: a bound for a stuck subprocess, never a measurement
+
+BALANCER = r"""
+import json, sys
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.web import resource, server
+
+from txbalancer import tls
+from txbalancer.choosers import RoundRobin
+from txbalancer.downstream import HTTPServerFactory
+from txbalancer.h2 import NegotiatingFactory
+from txbalancer.pool import BackendPool
+from txbalancer.proxy import Forwarder
+from txbalancer.testing import backendSpecs
+from txbalancer.upstream import UpstreamPool
+
+config = json.loads(sys.argv[1])
+
+class App(resource.Resource):
+    isLeaf = True
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/plain")
+        return b"hello " + request.getHeader(b"x-forwarded-proto") + b" " + request.uri
+    def render_POST(self, request):
+        return b"got %d bytes" % (len(request.content.read()),)
+
+def backendUp(port):
+    backendPort = port.getHost().port
+    pool = BackendPool(backendSpecs("127.0.0.1:%d" % backendPort), RoundRobin())
+    forwarder = Forwarder(pool, UpstreamPool(reactor), reactor)
+    http = HTTPServerFactory(forwarder, reactor, secure=True)
+    serverTLS = tls.ServerTLS([tls.CertSpec(*config["cert"])],
+                              alpn=(b"h2", b"http/1.1"))
+    endpoint = tls.tlsServerEndpoint(reactor, 0, "127.0.0.1", serverTLS)
+    d = endpoint.listen(NegotiatingFactory(http, reactor))
+    d.addCallback(lambda p: print("PORT", p.getHost().port, flush=True))
+
+TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+    server.Site(App())).addCallback(backendUp)
+reactor.run()
+"""
+
+
+@pytest.fixture
+def h2server(tmp_path):
+    from test_tls import PKI
+
+    pki = PKI(str(tmp_path))
+    spec = pki.server("a", "a.example")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BALANCER, json.dumps({"cert": [spec.cert, spec.key]})],
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("PORT "), line
+        yield int(line.split()[1]), pki.caPath
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(BOUND)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def _curl(port, ca, *args):
+    return subprocess.run(
+        ["curl", "-sS", "--cacert", ca, "--resolve", f"a.example:{port}:127.0.0.1",
+         *args],
+        capture_output=True, timeout=BOUND, check=False,
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curlHttp2(h2server):
+    """curl --http2 negotiates h2 and gets the backend's answer; an HTTP/1.1
+    client on the same port still works."""
+    port, ca = h2server
+    url = f"https://a.example:{port}/path?q=1"
+    result = _curl(port, ca, "--http2", "-w", "\n%{http_version} %{http_code}", url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"hello https /path?q=1\n2 200"
+    result = _curl(port, ca, "--http1.1", "-w", "\n%{http_version}", url)
+    assert result.stdout == b"hello https /path?q=1\n1.1"
+    result = _curl(port, ca, "--http2", "--data-binary", "@-", "-w", " %{http_version}",
+                   f"https://a.example:{port}/up")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curlHttp2Upload(h2server, tmp_path):
+    """A 1 MB upload over h2 streams through to the backend."""
+    port, ca = h2server
+    body = tmp_path / "body"
+    body.write_bytes(b"z" * 1_000_000)
+    result = _curl(port, ca, "--http2", "--data-binary", f"@{body}",
+                   f"https://a.example:{port}/up")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"got 1000000 bytes"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("h2load") is None,
+                    reason="h2load not installed (Debian: nghttp2-client)")
+def test_h2load(h2server):
+    """h2load: 2000 requests over 4 connections, 10 streams each, all 2xx."""
+    port, _ = h2server
+    result = subprocess.run(
+        ["h2load", "-n", "2000", "-c", "4", "-m", "10",
+         f"https://127.0.0.1:{port}/load"],
+        capture_output=True, timeout=BOUND, check=False,
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 0, out
+    assert "Application protocol: h2" in out
+    assert "2000 succeeded, 0 failed, 0 errored" in out, out
+    assert "status codes: 2000 2xx" in out, out
+
+
+@pytest.mark.integration
+def test_rapidResetOverTLS(h2server):
+    """A client that opens and resets streams in a burst gets GOAWAY
+    ENHANCE_YOUR_CALM and is disconnected; the server keeps serving."""
+    import socket
+    import ssl
+
+    port, ca = h2server
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.set_alpn_protocols(["h2"])
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    conn.initiate_connection()
+    for _ in range(150):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(b":method", b"GET"), (b":path", b"/"),
+                                (b":scheme", b"https"), (b":authority", b"a.example")],
+                          end_stream=True)
+        conn.reset_stream(sid)
+    events = []
+    raw = socket.create_connection(("127.0.0.1", port), timeout=BOUND)
+    with raw, ctx.wrap_socket(raw, server_hostname="a.example") as s:
+        assert s.selected_alpn_protocol() == "h2"
+        s.sendall(conn.data_to_send())
+        while True:
+            try:
+                data = s.recv(65536)
+            except (ConnectionError, ssl.SSLError):
+                break
+            if not data:
+                break
+            try:
+                events += conn.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                break
+    goaways = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaways and goaways[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    result = _curl(port, ca, "--http2", f"https://a.example:{port}/after")
+    assert result.stdout == b"hello https /after"

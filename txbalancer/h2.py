@@ -296,10 +296,16 @@ class H2ProxyConnection(H2Connection):
 
     # -- connection life
 
+    def makeConnection(self, transport: Any) -> None:
+        H2Connection.makeConnection(self, _ProducerTransport(transport, self))
+
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", "") or ""
         self.factory.connections.add(self)
+        # The connection is its transport's producer: when the client reads
+        # slowly, Twisted's sending loop waits.
+        self.transport.registerProducer(self, True)
         H2Connection.connectionMade(self)
         # Each stream's window (64 KiB) bounds what a paused stream holds;
         # the connection's window is made room for all of them, so one
@@ -519,6 +525,41 @@ class H2ProxyConnection(H2Connection):
             self._terminate(Failure(ConnectionError("too many stream resets")))
 
 
+class _ProducerTransport:
+    """
+    The transport as an L{H2ProxyConnection} sees it: closing it first
+    unregisters the connection as its producer, since a TLS transport does
+    not shut down while a producer is registered (and Twisted's
+    H2Connection never unregisters itself).
+    """
+
+    def __init__(self, transport: Any, protocol: Any) -> None:
+        self._transport = transport
+        self._registered = False
+        self.write = transport.write
+        self.writeSequence = transport.writeSequence
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._transport.registerProducer(producer, streaming)
+        self._registered = True
+
+    def unregisterProducer(self) -> None:
+        if self._registered:
+            self._registered = False
+            self._transport.unregisterProducer()
+
+    def loseConnection(self) -> None:
+        self.unregisterProducer()
+        self._transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self.unregisterProducer()
+        self._transport.abortConnection()
+
+
 class _Refused(Exception):
     def __init__(self, status: int, reason: str) -> None:
         Exception.__init__(self, status, reason)
@@ -564,10 +605,6 @@ class _Negotiator(Protocol):
             if getattr(transport, "wrappedProtocol", None) is self:
                 transport.wrappedProtocol = self.inner
             self.inner.makeConnection(transport)
-            if isinstance(self.inner, H2Connection):
-                # The connection is the TLS transport's producer: when the
-                # client reads slowly, Twisted's sending loop waits.
-                transport.registerProducer(self.inner, True)
         self.inner.dataReceived(data)
 
     def connectionLost(self, reason: Any = None) -> None:
