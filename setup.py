@@ -18,10 +18,12 @@ setup(
         "tomli>=1.1; python_version<'3.11'",
     ],
     extras_require={
+        "http2": ["twisted[http2]"],
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
             "hypothesis>=6",
+            "twisted[http2]",
         ],
     },
     classifiers=[

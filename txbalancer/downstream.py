@@ -99,6 +99,7 @@ class Request:
         "expectContinue",
         "upgrade",
         "teTrailers",
+        "clientCert",
         "peer",
         "secure",
         "received",
@@ -116,6 +117,7 @@ class Request:
         self.expectContinue = False
         self.upgrade = False
         self.teTrailers = False
+        self.clientCert: Optional[bytes] = None
         self.peer = ""
         self.secure = False
         self.received = 0.0
@@ -286,6 +288,7 @@ class HTTPServerProtocol(Protocol):
         self._sawChunk = False
         self._processing = False
         self._again = False
+        self._clientCert: Any = False
         self.peer = ""
         self.secure = False
 
@@ -511,6 +514,14 @@ class HTTPServerProtocol(Protocol):
         self._cancelTimeout()
         request.peer = self.peer
         request.secure = self.secure
+        if self.secure and factory.clientCertificates:
+            # The handshake is over by the first request: read the
+            # verified client certificate once per connection.
+            if self._clientCert is False:
+                from txbalancer.tls import peerCertificateSubject
+
+                self._clientCert = peerCertificateSubject(self.transport)
+            request.clientCert = self._clientCert
         request.received = factory.reactor.seconds()
         maxBody = factory.maxBodySize
         if (
@@ -734,8 +745,10 @@ class HTTPServerFactory(Factory):
         maxHeadSize: int = 32 * 1024,
         maxHeaders: int = 100,
         secure: bool = False,
+        clientCertificates: bool = False,
     ) -> None:
         self.handler = handler
+        self.clientCertificates = clientCertificates
         self.reactor = reactor
         self.clientTimeout = clientTimeout
         self.maxBodySize = maxBodySize

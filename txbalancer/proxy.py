@@ -70,8 +70,16 @@ class Forwarder:
         needsClientKey: bool = False,
         stickyCookie: Optional[str] = None,
         queueTimeout: float = 0.0,
+        hsts: Optional[int] = None,
+        redirectHttps: bool = False,
     ) -> None:
         self.pool = pool
+        self.hsts = (
+            (b"Strict-Transport-Security", b"max-age=%d" % (hsts,))
+            if hsts is not None
+            else None
+        )
+        self.redirectHttps = redirectHttps
         self.needsClientKey = needsClientKey or accessLog is not None
         self.stickyCookie = stickyCookie.encode("ascii") if stickyCookie else None
         self.queueTimeout = queueTimeout
@@ -168,6 +176,9 @@ class ProxyExchange:
         forwarder = self.forwarder
         forwarder.inFlight += 1
         request = self.request
+        if forwarder.redirectHttps and not request.secure:
+            self._redirectToHttps()
+            return
         if forwarder.needsClientKey:
             self.clientKey = clientAddress(
                 request.headers, request.peer, forwarder.trustedProxies
@@ -329,6 +340,8 @@ class ProxyExchange:
             request.host,
         ):
             lines.append(name + b": " + value + CRLF)
+        if request.clientCert is not None:
+            lines.append(b"X-Client-Cert-Subject: " + request.clientCert + CRLF)
         if request.teTrailers:
             # TE is hop-by-hop, but "trailers" in it is kept (DESIGN.md).
             lines.append(b"TE: trailers\r\n")
@@ -347,6 +360,25 @@ class ProxyExchange:
                 self.replay = None
             else:
                 replay.append(data)
+
+    def _redirectToHttps(self) -> None:
+        """
+        Answer a plain-HTTP request with a permanent redirect to the same
+        host and path over https.
+        """
+        request = self.request
+        host = request.host or b""
+        if not host.endswith(b"]") and b":" in host:
+            host = host.rsplit(b":", 1)[0]  # the https port is the default
+        location = b"https://" + host + request.target
+        self.status = 301
+        self._finish()
+        self.server.respond(
+            301,
+            b"Moved Permanently",
+            [(b"Location", location), (b"Content-Type", b"text/plain; charset=utf-8")],
+            b"Moved to " + location + b"\n",
+        )
 
     # -- waiting for a backend under its max_conns
 
@@ -404,6 +436,9 @@ class ProxyExchange:
         pool.attemptFinished(backend, status < 500)
         pool.observe(backend, forwarder.reactor.seconds() - self._sentAt)
         headers = endToEnd(headers)
+        if forwarder.hsts is not None and self.request.secure:
+            headers = [h for h in headers if h[0].lower() != b"strict-transport-security"]
+            headers.append(forwarder.hsts)
         if forwarder.stickyCookie is not None:
             value = pool.cookieFor(backend)
             if value != self.cookieValue:

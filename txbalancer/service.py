@@ -40,9 +40,15 @@ class BalancerService(MultiService):
         accessLog: Any = None,
         checker: Any = None,
         reactor: Any = None,
+        serverTLS: Sequence[Any] = (),
+        tlsReloadInterval: float = 10.0,
+        installSignalHandlers: bool = False,
     ) -> None:
         MultiService.__init__(self)
         self.reactor = reactor
+        self.serverTLS = list(serverTLS)
+        self.tlsReloadInterval = tlsReloadInterval
+        self.installSignalHandlers = installSignalHandlers
         self.pool = pool
         self.upstreams = upstreams
         self.forwarder = forwarder
@@ -65,15 +71,34 @@ class BalancerService(MultiService):
     def startService(self) -> None:
         MultiService.startService(self)
         self.upstreams.start()
+        for serverTLS in self.serverTLS:
+            serverTLS.watch(self.reactor, self.tlsReloadInterval)
+        if self.installSignalHandlers:
+            signal.signal(signal.SIGHUP, self._sighup)
         log.info(
             "balancing over {n} backends: {backends}",
             n=len(self.pool.backends),
             backends=", ".join(b.address for b in self.pool.backends),
         )
 
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """
+        SIGHUP: reload the TLS certificates and keys.  New handshakes use
+        the new ones, open connections go on; a broken file is logged and
+        the old certificate kept.
+        """
+        log.info("SIGHUP: reloading certificates")
+        for serverTLS in self.serverTLS:
+            serverTLS.reload()
+
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         log.info("stopping: no longer accepting connections")
+        for serverTLS in self.serverTLS:
+            serverTLS.stopWatching()
         yield defer.gatherResults(
             [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
         )

@@ -163,6 +163,19 @@ class Options(usage.Options):
         ["panic-threshold", None, 0.0,
          "When fewer than this percentage of backends are up, balance over "
          "all of them. 0 turns panic mode off.", _percent],
+        ["tls-cert-dir", None, None,
+         "Serve every *.pem in this directory (certificate chain and key) on "
+         "the TLS listeners, picked by SNI from the certificates' names."],
+        ["tls-client-ca", None, None,
+         "Require TLS clients to present a certificate signed by this CA; its "
+         "subject goes to backends as X-Client-Cert-Subject."],
+        ["hsts", None, None,
+         "Add Strict-Transport-Security: max-age=SECONDS to TLS responses. "
+         "[default: off]"],
+        ["tls-reload-interval", None, 10.0,
+         "Seconds between checks of the certificate files' modification "
+         "times (changed files are reloaded; SIGHUP reloads at once).",
+         _seconds("tls-reload-interval")],
         ["drain-timeout", None, 30.0,
          "On SIGTERM, seconds to let requests in flight finish before "
          "closing their connections.", _seconds("drain-timeout")],
@@ -171,11 +184,18 @@ class Options(usage.Options):
     optFlags = [
         ["no-health-checks", None, "Turn active health checks off (backends "
          "are then only taken out by passive ejection)."],
+        ["tls-client-optional", None, "With --tls-client-ca: ask for a client "
+         "certificate but accept clients without one."],
+        ["http2", None, "Offer HTTP/2 (ALPN h2) on TLS listeners; needs "
+         "pip install 'txbalancer[http2]'."],
+        ["redirect-https", None, "Answer every request on a plain-HTTP "
+         "listener with 301 to the same URL over https."],
     ]
 
     def __init__(self) -> None:
         usage.Options.__init__(self)
         self["port"] = []
+        self["tls"] = []
 
     def getUsage(self, width: Optional[int] = None) -> str:
         """
@@ -193,11 +213,32 @@ class Options(usage.Options):
         ssl:8443:privateKey=key.pem:certKey=cert.pem. [default: 8000]
         """
         try:
-            self["port"].append(parse_port(value))
+            if value.split(":", 1)[0] == "ssl":
+                # TLS listeners are built by the balancer (tls.py), not by
+                # Twisted's ssl: endpoint, which cannot set versions,
+                # ciphers, curves, SNI or ALPN.
+                from txbalancer.tls import parseTLSListener
+
+                self["tls"].append(parseTLSListener(value))
+            else:
+                self["port"].append(parse_port(value))
         except ConfigError as e:
             raise usage.UsageError(str(e))
 
     opt_p = opt_port
+
+    def opt_tls(self, value: str) -> None:
+        """
+        A TLS listener (repeatable): PORT:cert=FULLCHAIN.pem:key=PRIVKEY.pem
+        [:chain=CHAIN.pem][:interface=ADDRESS]. TLS 1.2 and 1.3 only, Mozilla
+        intermediate ciphers.
+        """
+        from txbalancer.tls import parseTLSListener
+
+        try:
+            self["tls"].append(parseTLSListener(value))
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
 
     def opt_version(self) -> None:
         """
@@ -207,8 +248,24 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
-        if not self["port"]:
+        if not self["port"] and not self["tls"]:
             self["port"] = ["tcp:8000"]
+        if self["tls-client-optional"] and not self["tls-client-ca"]:
+            raise usage.UsageError("--tls-client-optional needs --tls-client-ca")
+        if self["http2"]:
+            try:
+                import h2  # noqa: F401
+            except ImportError:
+                raise usage.UsageError(
+                    "--http2 needs the h2 package: pip install 'txbalancer[http2]'"
+                )
+        if self["hsts"] is not None:
+            try:
+                self["hsts"] = int(self["hsts"])
+                if self["hsts"] < 0:
+                    raise ValueError()
+            except ValueError:
+                raise usage.UsageError(f"--hsts: {self['hsts']!r} is not a number of seconds")
         if self["strategy"] not in STRATEGIES:
             raise usage.UsageError(
                 f"unknown --strategy {self['strategy']!r}; choose one of: "
@@ -232,10 +289,41 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
         try:
             self["backendSpecs"] = load_backends(self["backends"])
+            self["serverTLS"] = self._serverTLS()
         except ConfigError as e:
-            # A broken backends file is not a usage mistake: say what and
-            # where in one line, without twistd's page of help.
+            # A broken backends file or certificate is not a usage mistake:
+            # say what and where in one line, without twistd's page of help.
             raise SystemExit(f"txbalancer: {e}")
+
+    def _serverTLS(self) -> list[tuple[int, str, Any]]:
+        """
+        Load and check every TLS listener's certificates now, so a bad file
+        stops start-up with its name.
+        """
+        if not self["tls"]:
+            if self["tls-cert-dir"] or self["tls-client-ca"]:
+                raise ConfigError(
+                    "--tls-cert-dir and --tls-client-ca need a TLS listener "
+                    "(--tls or --port ssl:...)"
+                )
+            return []
+        from txbalancer.tls import ServerTLS
+
+        alpn = (b"h2", b"http/1.1") if self["http2"] else (b"http/1.1",)
+        return [
+            (
+                port,
+                interface,
+                ServerTLS(
+                    [spec],
+                    certDir=self["tls-cert-dir"],
+                    clientCA=self["tls-client-ca"],
+                    clientOptional=self["tls-client-optional"],
+                    alpn=alpn,
+                ),
+            )
+            for port, interface, spec in self["tls"]
+        ]
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
@@ -245,6 +333,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     @param reactor: the reactor to use; the global one by default.  Tests
         pass a L{twisted.internet.testing.MemoryReactorClock}.
     """
+    installSignalHandlers = reactor is None
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
@@ -257,6 +346,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     from txbalancer.pool import BackendPool
     from txbalancer.proxy import Forwarder
     from txbalancer.service import BalancerService
+    from txbalancer.tls import tlsServerEndpoint
     from txbalancer.upstream import UpstreamPool, backendTLSOptions
 
     from txbalancer.health import HealthChecker, OutlierDetector
@@ -326,6 +416,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         trustedProxies=options["trusted-proxies"],
         backendTimeout=options["backend-timeout"],
         accessLog=accessLog,
+        hsts=options["hsts"],
+        redirectHttps=options["redirect-https"],
         needsClientKey=options["strategy"] == "ip-hash",
         stickyCookie=options["sticky-cookie"],
         queueTimeout=options["queue-timeout"] if options["queue-size"] else 0.0,
@@ -340,6 +432,20 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
             secure=description.split(":", 1)[0].lower() == "ssl",
         )
         listeners.append((serverFromString(reactor, description), factory))
+    for port, interface, serverTLS in options["serverTLS"]:
+        factory = HTTPServerFactory(
+            forwarder,
+            reactor,
+            clientTimeout=options["client-timeout"],
+            maxBodySize=options["max-body-size"],
+            secure=True,
+            clientCertificates=bool(options["tls-client-ca"]),
+        )
+        if options["http2"]:
+            from txbalancer.h2 import NegotiatingFactory
+
+            factory = NegotiatingFactory(factory, reactor)
+        listeners.append((tlsServerEndpoint(reactor, port, interface, serverTLS), factory))
     return BalancerService(
         listeners,
         pool,
@@ -349,4 +455,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         accessLog=accessLog,
         checker=checker,
         reactor=reactor,
+        serverTLS=[serverTLS for _, _, serverTLS in options["serverTLS"]],
+        tlsReloadInterval=options["tls-reload-interval"],
+        installSignalHandlers=installSignalHandlers,
     )
