@@ -16,12 +16,20 @@ from txbalancer.downstream import HTTPServerFactory
 from txbalancer.service import BalancerService
 from txbalancer.tap import Options, makeService
 
+
+def _tempPath() -> str:
+    """A fresh path in a new temporary directory (trial's mktemp writes under
+    the current directory when run by pytest)."""
+    import tempfile
+
+    return os.path.join(tempfile.mkdtemp(prefix="txbalancer-test-"), "file")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class OptionsTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.backends = self.mktemp()
+        self.backends = _tempPath()
         with open(self.backends, "w") as f:
             f.write("# test\n127.0.0.1:3001\n127.0.0.1:3002 weight=2\n")
 
@@ -110,7 +118,7 @@ class OptionsTests(SynchronousTestCase):
 
     def test_missing_backends_file(self) -> None:
         """A missing backends file stops start-up with a message naming it."""
-        missing = self.mktemp()
+        missing = _tempPath()
         e = self.assertRaises(SystemExit, self.parse, "--backends", missing)
         self.assertIn(missing, str(e.code))
 
@@ -127,7 +135,7 @@ class OptionsTests(SynchronousTestCase):
 
 class MakeServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.backends = self.mktemp()
+        self.backends = _tempPath()
         with open(self.backends, "w") as f:
             f.write("127.0.0.1:3001\n127.0.0.1:3002\n")
 
@@ -174,7 +182,7 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_access_log_file(self) -> None:
         """--access-log FILE opens the file; stopping closes it."""
-        path = self.mktemp()
+        path = _tempPath()
         service, reactor = self.service("--access-log", path)
         service.startService()
         self.successResultOf(service.stopService())
