@@ -1,0 +1,87 @@
+"""The twistd plugin is found from an installed copy of the project."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+# option: a value its help must show as the default (None: it has no default)
+OPTIONS = {
+    "port": "8000",
+    "backends": None,
+    "strategy": "round-robin",
+    "trusted-proxies": None,
+    "connect-timeout": "3",
+    "backend-timeout": "60",
+    "client-timeout": "60",
+    "access-log": None,
+}
+
+
+def run_twistd(tmp_path, *args: str) -> str:
+    """Run the installed twistd away from the source tree and return its output."""
+    if not os.path.exists(TWISTD):
+        pytest.fail(f"no twistd next to {sys.executable}: install the project first")
+    env = {k: v for (k, v) in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [TWISTD, *args],
+        check=False,
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    return output
+
+
+def option_blocks(help_text: str) -> dict[str, str]:
+    """Each --option of a usage.Options help text with the lines of its description."""
+    blocks: dict[str, str] = {}
+    current = None
+    for line in help_text.splitlines():
+        m = re.match(r"\s+(?:-\w, )?--([\w-]+)", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = line
+        elif current and line.startswith(" "):
+            blocks[current] += "\n" + line
+        else:
+            current = None
+    return blocks
+
+
+def test_twistd_lists_balancer(tmp_path):
+    """`twistd --help` from the installed copy lists the balancer plugin."""
+    output = run_twistd(tmp_path, "--help")
+    assert re.search(r"^\s+balancer\s", output, re.MULTILINE), output
+
+
+def test_balancer_help_shows_options_and_defaults(tmp_path):
+    """`twistd balancer --help` shows every option, each with its default."""
+    blocks = option_blocks(run_twistd(tmp_path, "balancer", "--help"))
+    for name, default in OPTIONS.items():
+        assert name in blocks, f"--{name} missing from the help: {sorted(blocks)}"
+        if default is not None:
+            assert re.search(rf"\b{re.escape(default)}\b", blocks[name]), (
+                f"--{name} does not show its default {default}:\n{blocks[name]}"
+            )
+
+
+def test_no_init_under_twisted():
+    """No __init__.py exists under twisted/, so the project never shadows Twisted's package."""
+    found = sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "twisted").rglob("__init__.py")
+    )
+    assert found == []
+    assert (ROOT / "twisted" / "plugins" / "txbalancer_plugin.py").exists()
