@@ -29,20 +29,21 @@ from typing import Any, Callable, Optional
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from txbalancer.framing import (
+    BAD_VALUE,
+    TOKEN,
+    ChunkedDecoder,
+    FramingError,
+    parseContentLength,
+)
 from txbalancer.headers import connectionTokens
 
 log = Logger()
 
 CRLF = b"\r\n"
 
-# RFC 9110 token characters, for methods and header names.
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-# Field values: visible characters, SP, HTAB and obs-text; no other CTL.
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # A request target: no CTL, no space.
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
-_DIGITS = re.compile(rb"[0-9]+\Z")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 
 # Statuses whose responses never carry a body.
 NO_BODY_STATUSES = frozenset([204, 304])
@@ -63,18 +64,11 @@ REASONS = {
     505: b"HTTP Version Not Supported",
 }
 
-MAX_CONTENT_LENGTH = 2**63 - 1
 
-
-class BadRequest(Exception):
+class BadRequest(FramingError):
     """
     The client sent something we will not forward.
     """
-
-    def __init__(self, status: int, reason: str) -> None:
-        Exception.__init__(self, status, reason)
-        self.status = status
-        self.reason = reason
 
 
 class Request:
@@ -140,7 +134,7 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
     if len(parts) != 3:
         raise BadRequest(400, "malformed request line")
     method, target, version = parts
-    if not _TOKEN.match(method):
+    if not TOKEN.match(method):
         raise BadRequest(400, "malformed method")
     if not target or _BAD_TARGET.search(target):
         raise BadRequest(400, "malformed request target")
@@ -164,14 +158,14 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
     teTrailers = False
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not _TOKEN.match(name):
+        if not TOKEN.match(name):
             if line[:1] in (b" ", b"\t"):
                 raise BadRequest(400, "obsolete line folding in headers")
             if not colon:
                 raise BadRequest(400, "header line without a colon")
             raise BadRequest(400, "malformed header name")
         value = value.strip(b" \t")
-        if _BAD_VALUE.search(value):
+        if BAD_VALUE.search(value):
             raise BadRequest(400, "invalid character in header value")
         lname = name.lower()
         if lname == b"content-length":
@@ -204,19 +198,10 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
             raise BadRequest(400, "request body framing is not chunked")
         request.chunked = True
     elif contentLengths:
-        values = set()
-        for cl in contentLengths:
-            for item in cl.split(b","):
-                item = item.strip()
-                if not _DIGITS.match(item):
-                    raise BadRequest(400, "malformed Content-Length")
-                values.add(item.lstrip(b"0") or b"0")
-        if len(values) != 1:
-            raise BadRequest(400, "conflicting Content-Length values")
-        (only,) = values
-        if len(only) > 19 or int(only) > MAX_CONTENT_LENGTH:
-            raise BadRequest(400, "Content-Length out of range")
-        request.contentLength = int(only)
+        try:
+            request.contentLength = parseContentLength(contentLengths)
+        except FramingError as e:
+            raise BadRequest(e.status, e.reason)
 
     if len(hosts) > 1:
         raise BadRequest(400, "more than one Host header")
@@ -259,7 +244,7 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
 
 
 # Parser states.
-_HEAD, _BODY, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _DONE = range(7)
+_HEAD, _BODY, _CHUNKED, _DONE = range(4)
 
 
 class HTTPServerProtocol(Protocol):
@@ -283,9 +268,7 @@ class HTTPServerProtocol(Protocol):
         self._bodyAllowed = True
         self._keepAlive = True
         self._disconnected = False
-        self._trailerBytes = 0
-        self._bodySeen = 0
-        self._sawChunk = False
+        self._decoder: Optional[ChunkedDecoder] = None
         self._processing = False
         self._again = False
         self._clientCert: Any = False
@@ -379,7 +362,7 @@ class HTTPServerProtocol(Protocol):
                 self._again = False
                 try:
                     self._parse()
-                except BadRequest as e:
+                except FramingError as e:
                     self._refuse(e.status, e.reason)
                     return
                 exchange = self._exchange
@@ -388,7 +371,11 @@ class HTTPServerProtocol(Protocol):
                     # A chunked body is not forwarded before its first
                     # chunk-size line has been checked, unless the client
                     # waits for 100 Continue.
-                    if not request.chunked or request.expectContinue or self._sawChunk:
+                    if (
+                        not request.chunked
+                        or request.expectContinue
+                        or self._decoder.sawSize
+                    ):
                         self._pendingStart = False
                         exchange.start()
                 again = self._again
@@ -435,75 +422,14 @@ class HTTPServerProtocol(Protocol):
                     self._bodyDone()
                 else:
                     self._armTimeout()
-            elif state == _CHUNK_SIZE_LINE:
-                buf = self._buffer
-                end = buf.find(CRLF)
-                if end < 0:
-                    if len(buf) > 4096:
-                        raise BadRequest(400, "chunk size line too long")
-                    return
-                match = _CHUNK_SIZE.match(buf, 0, end)
-                if match is None:
-                    raise BadRequest(400, "malformed chunk size")
-                size = int(match.group(1), 16)
-                self._buffer = buf[end + 2 :]
-                self._sawChunk = True
-                if size == 0:
-                    self._state = _TRAILERS
-                    self._trailerBytes = 0
-                else:
-                    self._remaining = size
-                    self._state = _CHUNK_DATA
-                    max_ = factory.maxBodySize
-                    if max_ is not None:
-                        self._bodySeen += size
-                        if self._bodySeen > max_:
-                            raise BadRequest(413, "request body too large")
-            elif state == _CHUNK_DATA:
-                buf = self._buffer
-                remaining = self._remaining
-                if len(buf) <= remaining:
+            elif state == _CHUNKED:
+                rest = self._decoder.feed(self._buffer, self._exchange.bodyReceived)
+                if rest is None:
                     self._buffer = b""
-                    self._remaining = remaining - len(buf)
-                    self._exchange.bodyReceived(buf)
+                    self._armTimeout()
                 else:
-                    self._buffer = buf[remaining:]
-                    self._remaining = 0
-                    self._exchange.bodyReceived(buf[:remaining])
-                if not self._remaining:
-                    self._state = _CHUNK_END
-                self._armTimeout()
-            elif state == _CHUNK_END:
-                buf = self._buffer
-                if len(buf) < 2:
-                    if buf != b"\r":
-                        raise BadRequest(400, "chunk data not followed by CRLF")
-                    return
-                if buf[:2] != CRLF:
-                    raise BadRequest(400, "chunk data not followed by CRLF")
-                self._buffer = buf[2:]
-                self._state = _CHUNK_SIZE_LINE
-            elif state == _TRAILERS:
-                buf = self._buffer
-                end = buf.find(CRLF)
-                if end < 0:
-                    if len(buf) > factory.maxHeadSize:
-                        raise BadRequest(431, "trailer section too large")
-                    return
-                line = buf[:end]
-                self._buffer = buf[end + 2 :]
-                if not line:
+                    self._buffer = rest
                     self._bodyDone()
-                else:
-                    # Trailers are read, checked and dropped.
-                    self._trailerBytes += end + 2
-                    if self._trailerBytes > factory.maxHeadSize:
-                        raise BadRequest(431, "trailer section too large")
-                    name, colon, value = line.partition(b":")
-                    if not colon or not _TOKEN.match(name) or _BAD_VALUE.search(
-                        value.strip(b" \t")
-                    ):
-                        raise BadRequest(400, "malformed trailer field")
             else:  # _DONE: a pipelined request waits for this response.
                 if len(self._buffer) > factory.maxHeadSize:
                     self.pauseReading("pipeline")
@@ -533,12 +459,11 @@ class HTTPServerProtocol(Protocol):
         self._request = request
         self._keepAlive = request.keepAlive and not factory.draining
         self._responding = False
-        self._bodySeen = 0
-        self._sawChunk = False
         self._exchange = factory.handler(request, self)
         self._pendingStart = True
         if request.chunked:
-            self._state = _CHUNK_SIZE_LINE
+            self._state = _CHUNKED
+            self._decoder = ChunkedDecoder(factory.maxHeadSize, maxBody)
             self._armTimeout()
         elif request.contentLength:
             self._state = _BODY

@@ -43,11 +43,11 @@ from twisted.web._http2 import H2Connection
 from txbalancer.downstream import (
     _DONE,
     _HEAD,
-    MAX_CONTENT_LENGTH,
     NO_BODY_STATUSES,
     REASONS,
     Request,
 )
+from txbalancer.framing import FramingError, parseContentLength
 
 log = Logger()
 
@@ -446,13 +446,10 @@ class H2ProxyConnection(H2Connection):
         request.target = path
         request.host = authority
         if lengths:
-            values = {v.strip() for lv in lengths for v in lv.split(b",")}
-            if len(values) != 1 or not _DIGITS.match(next(iter(values))):
-                raise _Refused(400, "malformed Content-Length")
-            length = int(values.pop())
-            if length > MAX_CONTENT_LENGTH:
-                raise _Refused(400, "Content-Length out of range")
-            request.contentLength = length
+            try:
+                request.contentLength = parseContentLength(lengths)
+            except FramingError as e:
+                raise _Refused(e.status, e.reason)
         elif event.stream_ended is not None:
             if method not in (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"):
                 request.contentLength = 0

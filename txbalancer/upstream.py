@@ -20,7 +20,6 @@ gets::
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Any, Optional
 
 from twisted.internet import defer, error
@@ -35,15 +34,18 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from txbalancer.backend import Backend
+from txbalancer.framing import (
+    BAD_VALUE,
+    TOKEN,
+    ChunkedDecoder,
+    FramingError,
+    parseContentLength,
+)
 from txbalancer.headers import connectionTokens
 
 log = Logger()
 
 CRLF = b"\r\n"
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_DIGITS = re.compile(rb"[0-9]{1,19}\Z")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 MAX_HEAD = 64 * 1024
 
 
@@ -54,7 +56,7 @@ class BadResponse(Exception):
 
 
 # Response parser states.
-_IDLE, _HEAD, _BODY, _UNTIL_CLOSE, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_END, _TRAILERS = range(8)
+_IDLE, _HEAD, _BODY, _UNTIL_CLOSE, _CHUNKED = range(5)
 
 
 class UpstreamConnection(Protocol):
@@ -82,6 +84,7 @@ class UpstreamConnection(Protocol):
         self._requestSent = False
         self._chunkedRequest = False
         self._paused = False
+        self._decoder: Optional[ChunkedDecoder] = None
 
     def connectionMade(self) -> None:
         self.connected = True
@@ -152,11 +155,13 @@ class UpstreamConnection(Protocol):
             self._buffer = data
         try:
             self._parse()
-        except BadResponse as e:
+        except (BadResponse, FramingError) as e:
             exchange = self.exchange
             self.abort()
             if exchange is not None:
-                exchange.upstreamLost(e, True)
+                exchange.upstreamLost(
+                    e if isinstance(e, BadResponse) else BadResponse(str(e)), True
+                )
 
     def _parse(self) -> None:
         while self._buffer and self.exchange is not None:
@@ -190,55 +195,12 @@ class UpstreamConnection(Protocol):
                 buf = self._buffer
                 self._buffer = b""
                 self.exchange.responseData(buf)
-            elif state == _CHUNK_SIZE_LINE:
-                buf = self._buffer
-                end = buf.find(CRLF)
-                if end < 0:
-                    if len(buf) > 4096:
-                        raise BadResponse("chunk size line too long")
-                    return
-                match = _CHUNK_SIZE.match(buf, 0, end)
-                if match is None:
-                    raise BadResponse("malformed chunk size")
-                size = int(match.group(1), 16)
-                self._buffer = buf[end + 2 :]
-                if size:
-                    self._remaining = size
-                    self._state = _CHUNK_DATA
-                else:
-                    self._state = _TRAILERS
-            elif state == _CHUNK_DATA:
-                buf = self._buffer
-                remaining = self._remaining
-                if len(buf) <= remaining:
+            elif state == _CHUNKED:
+                rest = self._decoder.feed(self._buffer, self.exchange.responseData)
+                if rest is None:
                     self._buffer = b""
-                    self._remaining = remaining - len(buf)
-                    self.exchange.responseData(buf)
                 else:
-                    self._buffer = buf[remaining:]
-                    self._remaining = 0
-                    self.exchange.responseData(buf[:remaining])
-                if not self._remaining:
-                    self._state = _CHUNK_END
-            elif state == _CHUNK_END:
-                buf = self._buffer
-                if len(buf) < 2:
-                    if buf != b"\r":
-                        raise BadResponse("chunk not followed by CRLF")
-                    return
-                if buf[:2] != CRLF:
-                    raise BadResponse("chunk not followed by CRLF")
-                self._buffer = buf[2:]
-                self._state = _CHUNK_SIZE_LINE
-            elif state == _TRAILERS:
-                buf = self._buffer
-                end = buf.find(CRLF)
-                if end < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise BadResponse("trailer section too large")
-                    return
-                self._buffer = buf[end + 2 :]
-                if end == 0:
+                    self._buffer = rest
                     self._responseDone()
             else:
                 raise BadResponse("data after the response")
@@ -256,7 +218,7 @@ class UpstreamConnection(Protocol):
             raise BadResponse("malformed status line")
         status = int(parts[1])
         reason = parts[2] if len(parts) == 3 else b""
-        if _BAD_VALUE.search(reason):
+        if BAD_VALUE.search(reason):
             raise BadResponse("malformed reason phrase")
         headers = []
         contentLengths = []
@@ -264,10 +226,10 @@ class UpstreamConnection(Protocol):
         connection = []
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.match(name):
+            if not colon or not TOKEN.match(name):
                 raise BadResponse("malformed header line")
             value = value.strip(b" \t")
-            if _BAD_VALUE.search(value):
+            if BAD_VALUE.search(value):
                 raise BadResponse("invalid character in header value")
             lname = name.lower()
             if lname == b"content-length":
@@ -297,8 +259,11 @@ class UpstreamConnection(Protocol):
         if self._isHead or status in (204, 304):
             # No body follows, whatever the headers say; HEAD keeps its
             # Content-Length so the client learns the size.
-            if contentLengths and _DIGITS.match(contentLengths[0]):
-                length = int(contentLengths[0])
+            if contentLengths:
+                try:
+                    length = parseContentLength(contentLengths)
+                except FramingError:
+                    length = None
             self._state = _IDLE
             self.exchange.responseHead(status, reason, headers, length)
             self._responseDone()
@@ -309,21 +274,13 @@ class UpstreamConnection(Protocol):
             if contentLengths:
                 self._reusable = False
             if chunked:
-                self._state = _CHUNK_SIZE_LINE
+                self._state = _CHUNKED
+                self._decoder = ChunkedDecoder(MAX_HEAD)
             else:
                 self._reusable = False
                 self._state = _UNTIL_CLOSE
         elif contentLengths:
-            values = set()
-            for cl in contentLengths:
-                for item in cl.split(b","):
-                    item = item.strip()
-                    if not _DIGITS.match(item):
-                        raise BadResponse("malformed Content-Length")
-                    values.add(int(item))
-            if len(values) != 1:
-                raise BadResponse("conflicting Content-Length values")
-            length = values.pop()
+            length = parseContentLength(contentLengths)
             self._remaining = length
             self._state = _BODY
         else:

@@ -1,0 +1,170 @@
+"""
+HTTP/1.1 message framing, shared by the client side (downstream.py) and
+the backend side (upstream.py): which bytes belong to a message body.
+
+Both sides must read framing exactly alike and strictly, or a client and a
+backend could disagree about where a message ends.  Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Optional
+
+CRLF = b"\r\n"
+
+# RFC 9110 token characters, for methods and field names.
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# Field values: visible characters, SP, HTAB and obs-text; no other CTL.
+BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(rb"[0-9]+\Z")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+
+MAX_CONTENT_LENGTH = 2**63 - 1
+MAX_CHUNK_LINE = 4096
+
+
+class FramingError(Exception):
+    """
+    A message whose framing is malformed or ambiguous.
+
+    @ivar status: the HTTP status that answers it when it is a request.
+    @ivar reason: what is wrong, for the answer and the log.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        Exception.__init__(self, status, reason)
+        self.status = status
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def parseContentLength(values: Iterable[bytes]) -> int:
+    """
+    The length given by one or more Content-Length field values.  Repeated
+    values (or a list) are accepted only when they all agree.
+
+    @raise FramingError: non-numeric, conflicting or out of range.
+    """
+    lengths = set()
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip()
+            if not _DIGITS.match(item):
+                raise FramingError(400, "malformed Content-Length")
+            item = item.lstrip(b"0") or b"0"
+            if len(item) > 19 or int(item) > MAX_CONTENT_LENGTH:
+                raise FramingError(400, "Content-Length out of range")
+            lengths.add(int(item))
+    if len(lengths) != 1:
+        raise FramingError(400, "conflicting Content-Length values")
+    return lengths.pop()
+
+
+# Decoder states.
+_SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = range(5)
+
+
+class ChunkedDecoder:
+    """
+    Decodes a chunked body (RFC 9112 7.1) as its bytes arrive.  Trailer
+    fields are read, checked and dropped.
+
+    @ivar sawSize: whether a chunk-size line has been read and checked.
+    @ivar declared: the sum of the chunk sizes read so far.
+    """
+
+    __slots__ = ("_state", "_remaining", "_pending", "_trailerBytes",
+                 "maxTrailerSize", "maxBodySize", "sawSize", "declared")
+
+    def __init__(
+        self, maxTrailerSize: int = 32 * 1024, maxBodySize: Optional[int] = None
+    ) -> None:
+        self._state = _SIZE
+        self._remaining = 0
+        self._pending = b""
+        self._trailerBytes = 0
+        self.maxTrailerSize = maxTrailerSize
+        self.maxBodySize = maxBodySize
+        self.sawSize = False
+        self.declared = 0
+
+    def feed(self, data: bytes, deliver: Callable[[bytes], object]) -> Optional[bytes]:
+        """
+        Decode C{data}, passing each piece of body to C{deliver}.
+
+        @return: L{None} while the body goes on; once it has ended, the
+            bytes that followed it (C{b""} if none).
+        @raise FramingError: for malformed chunks (400), an oversized
+            trailer section (431) or a body over C{maxBodySize} (413).
+        """
+        buf = self._pending + data if self._pending else data
+        self._pending = b""
+        while buf:
+            state = self._state
+            if state == _DATA:
+                remaining = self._remaining
+                if len(buf) <= remaining:
+                    self._remaining = remaining - len(buf)
+                    deliver(buf)
+                    buf = b""
+                else:
+                    self._remaining = 0
+                    deliver(buf[:remaining])
+                    buf = buf[remaining:]
+                if not self._remaining:
+                    self._state = _DATA_END
+            elif state == _SIZE:
+                end = buf.find(CRLF)
+                if end < 0:
+                    if len(buf) > MAX_CHUNK_LINE:
+                        raise FramingError(400, "chunk size line too long")
+                    break
+                match = _CHUNK_SIZE.match(buf, 0, end)
+                if match is None:
+                    raise FramingError(400, "malformed chunk size")
+                size = int(match.group(1), 16)
+                buf = buf[end + 2 :]
+                self.sawSize = True
+                if size:
+                    self.declared += size
+                    if self.maxBodySize is not None and self.declared > self.maxBodySize:
+                        raise FramingError(413, "request body too large")
+                    self._remaining = size
+                    self._state = _DATA
+                else:
+                    self._state = _TRAILERS
+            elif state == _DATA_END:
+                if len(buf) < 2:
+                    if buf != b"\r":
+                        raise FramingError(400, "chunk data not followed by CRLF")
+                    break
+                if buf[:2] != CRLF:
+                    raise FramingError(400, "chunk data not followed by CRLF")
+                buf = buf[2:]
+                self._state = _SIZE
+            elif state == _TRAILERS:
+                end = buf.find(CRLF)
+                if end < 0:
+                    if self._trailerBytes + len(buf) > self.maxTrailerSize:
+                        raise FramingError(431, "trailer section too large")
+                    break
+                line = buf[:end]
+                buf = buf[end + 2 :]
+                if not line:
+                    self._state = _DONE
+                    return buf
+                self._trailerBytes += end + 2
+                if self._trailerBytes > self.maxTrailerSize:
+                    raise FramingError(431, "trailer section too large")
+                name, colon, value = line.partition(b":")
+                if not colon or not TOKEN.match(name) or BAD_VALUE.search(
+                    value.strip(b" \t")
+                ):
+                    raise FramingError(400, "malformed trailer field")
+            else:
+                return buf
+        self._pending = buf
+        return None
