@@ -317,6 +317,11 @@ class HTTPServerProtocol(Protocol):
 
     def _timedOut(self) -> None:
         self._timeoutCall = None
+        if self._exchange is not None and self._state == _DONE:
+            # The whole request is in; waiting for the backend is the
+            # backend timeout's business, not the client's.
+            self._armTimeout()
+            return
         if self._state == _HEAD and not self._buffer:
             self.transport.loseConnection()
         elif not self._responding:
@@ -437,7 +442,6 @@ class HTTPServerProtocol(Protocol):
 
     def _headReceived(self, request: Request) -> None:
         factory = self.factory
-        self._cancelTimeout()
         request.peer = self.peer
         request.secure = self.secure
         if self.secure and factory.clientCertificates:
@@ -474,7 +478,6 @@ class HTTPServerProtocol(Protocol):
             self._exchange.bodyFinished()
 
     def _bodyDone(self) -> None:
-        self._cancelTimeout()
         self._state = _DONE
         exchange = self._exchange
         if exchange is not None:

@@ -9,6 +9,7 @@ case the peer sent them; repeated headers stay separate entries.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Iterable, Sequence
 
 Headers = "list[tuple[bytes, bytes]]"
@@ -70,9 +71,24 @@ def endToEnd(
     headers its Connection header names, without framing headers, and
     without any header named in C{extraDrop}; order is kept.
     """
-    named = connectionTokens(v for n, v in headers if n.lower() == b"connection")
-    drop = HOP_BY_HOP | FRAMING | extraDrop | named
-    return [(n, v) for n, v in headers if n.lower() not in drop]
+    kept = []
+    named: list[bytes] = []
+    drop = _DROP.get(extraDrop)
+    if drop is None:
+        drop = _DROP[extraDrop] = HOP_BY_HOP | FRAMING | extraDrop
+    for header in headers:
+        lname = header[0].lower()
+        if lname == b"connection":
+            named.append(header[1])
+        elif lname not in drop:
+            kept.append((lname, header))
+    if named:
+        tokens = connectionTokens(named)
+        return [header for lname, header in kept if lname not in tokens]
+    return [header for lname, header in kept]
+
+
+_DROP: dict[frozenset[bytes], frozenset[bytes]] = {}
 
 
 def formatForwardedFor(address: str) -> bytes:
@@ -84,9 +100,11 @@ def formatForwardedFor(address: str) -> bytes:
     return b"for=" + address.encode("ascii")
 
 
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
 def _quoteIfNeeded(value: bytes) -> bytes:
-    token = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    if value and all(c in token for c in value):
+    if _TOKEN.match(value):
         return value
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
