@@ -137,13 +137,12 @@ class BackendPool(Service):
 
     def isFull(self, exclude: Any = ()) -> bool:
         """
-        Whether some backend could take the request but for its
+        Whether backends could take the request but every one is at its
         C{max_conns}: then the request may wait in the queue.
         """
-        return any(
-            b.maxConns and b.active >= b.maxConns
-            for b in self._available
-            if b not in exclude
+        candidates = [b for b in self._available if b not in exclude]
+        return bool(candidates) and all(
+            b.maxConns and b.active >= b.maxConns for b in candidates
         )
 
     def acquire(self, backend: Backend) -> None:
