@@ -36,6 +36,12 @@
 //                         whole request body arrived; "aborted": it did not;
 //                         "cancelled": the connection closed before the whole
 //                         answer was sent; "urls": their targets, in order.
+//   /__health             a health endpoint: GET answers the current health
+//                         status (200 at start) with a short text body, and
+//                         Retry-After: 5 when it is 503. POST (or PUT)
+//                         /__health?status=CODE sets that status; it answers
+//                         204. Ordinary paths keep being served whatever the
+//                         health status is.
 //
 // The keep-alive timeout is node's default (5 s) unless KEEPALIVE_MS is set.
 
@@ -57,6 +63,7 @@ const defaults = {
 };
 
 const seen = []; // {url, completed, aborted}
+let healthStatus = 200;
 let actualPort = port;
 
 function text(res, status, body, headers) {
@@ -192,6 +199,23 @@ const handlers = {
     const headers = code === 304 ? { ETag: '"v1"' } : {};
     res.writeHead(code, headers);
     res.end();
+  },
+
+  health(req, res, params) {
+    req.resume();
+    if (req.method === 'POST' || req.method === 'PUT') {
+      const code = parseInt(params.get('status') || '200', 10);
+      if (!(code >= 200 && code <= 599)) {
+        text(res, 400, 'bad status\n');
+        return;
+      }
+      healthStatus = code;
+      res.writeHead(204);
+      res.end();
+      return;
+    }
+    const headers = healthStatus === 503 ? { 'Retry-After': '5' } : {};
+    text(res, healthStatus, 'health ' + healthStatus + '\n', headers);
   },
 
   hop(req, res) {

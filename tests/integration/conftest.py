@@ -71,17 +71,18 @@ def node() -> str:
 
 @pytest.fixture
 def backend(node, tmp_path, request):
-    """Factory: ``backend(mode="normal", **env)`` starts a Node backend on a free port."""
+    """Factory: ``backend(mode="normal", *, port=0, **env)`` starts a Node
+    backend on a free port (or on ``port``, to bring a killed one back)."""
     started: list[Backend] = []
 
-    def start(mode: str = "normal", **env: object) -> Backend:
+    def start(mode: str = "normal", *, port: int = 0, **env: object) -> Backend:
         n = len(started)
         log = tmp_path / f"backend-{n}-{mode}.log"
         full_env = dict(os.environ)
         full_env.update({k: str(v) for (k, v) in env.items()})
         with open(log, "wb") as errors:
             proc = subprocess.Popen(
-                [node, str(BACKEND_JS), "0", mode],
+                [node, str(BACKEND_JS), str(port), mode],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=errors,

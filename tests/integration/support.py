@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from .httpraw import HOST, get
+from .httpraw import HOST, RawClient, get
 
 HERE = Path(__file__).resolve().parent
 BACKEND_JS = HERE / "backend.js"
@@ -121,10 +121,25 @@ class Backend:
         return resp.json()
 
     def kill(self) -> None:
-        """SIGKILL, as a crash would."""
+        """SIGKILL, as a crash would (a stopped process is woken to die)."""
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the kernel still accepts connections, nothing answers."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT after L{freeze}."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    def set_health(self, status: int) -> None:
+        """What ``GET /__health`` answers from now on (503 adds Retry-After)."""
+        with RawClient(self.port, timeout=10) as client:
+            resp = client.request("POST", f"/__health?status={status}")
+        assert resp.status == 204, resp
 
 
 class Balancer:
@@ -149,6 +164,18 @@ class Balancer:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         return stop_process(self.proc, timeout)
+
+    def log_count(self, text: str) -> int:
+        """How many lines of the balancer's log contain ``text``."""
+        return sum(1 for line in self.log_text().splitlines() if text in line)
+
+    def wait_for_log(self, text: str, timeout: float, count: int = 1) -> None:
+        """Wait until at least ``count`` lines of the log contain ``text``."""
+        wait_for(
+            lambda: self.log_count(text) >= count,
+            timeout,
+            f"{count} line(s) with {text!r} in {self.log}",
+        )
 
 
 def write_backends(path: Path, entries) -> Path:
@@ -177,3 +204,31 @@ def start_twistd(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
 
 def json_body(resp) -> dict:
     return json.loads(resp.body)
+
+
+def port_of(resp) -> int:
+    """The port of the ``backend.js`` (normal or delay mode) that answered."""
+    text = resp.text.strip()
+    assert text.startswith("Response from server on port "), (resp.status, text)
+    return int(text.rsplit(" ", 1)[1])
+
+
+def get_from(
+    source: str,
+    port: int,
+    target: str = "/",
+    headers=None,
+    timeout: float = 30.0,
+):
+    """One GET to the balancer on 127.0.0.1:port from the address ``source``
+    (any 127.x address: the socket is bound to it before connecting)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.bind((source, 0))
+        sock.connect((HOST, port))
+    except BaseException:
+        sock.close()
+        raise
+    with RawClient.wrap(sock) as client:
+        return client.request("GET", target, headers)
