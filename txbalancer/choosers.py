@@ -162,15 +162,15 @@ class RoundRobin:
 
 class LeastConn:
     """
-    Fewest requests in flight per unit of weight.  Ties are broken by
-    rotation: the scan starts just after the previous pick, so equally
-    loaded backends take turns instead of the first in the list taking
-    everything (and a busy backend's turn is not inherited by its
-    neighbour).
+    Fewest requests in flight per unit of weight.  Backends tied for the
+    lightest load share the request by smooth weighted round robin (as
+    nginx's least_conn does), so ties take turns in proportion to their
+    weights rather than the first in the list taking everything, and
+    weights hold even when requests never overlap.
     """
 
     name = "least-conn"
-    description = "fewest requests in flight per weight; ties take turns"
+    description = "fewest requests in flight per weight; ties by weighted turns"
 
     def __init__(
         self,
@@ -178,24 +178,27 @@ class LeastConn:
         random: _random.Random | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self._turn = 0
+        self._ties = RoundRobin()
 
     def choose(
         self, candidates: Sequence[Backend], key: str | None = None
     ) -> Backend | None:
-        n = len(candidates)
-        if n == 0:
+        if not candidates:
             return None
-        start = self._turn % n
-        best = candidates[start]
-        bestAt = start
-        for i in range(start + 1, start + n):
-            backend = candidates[i % n]
-            if _lighter(backend, best):
+        best = candidates[0]
+        tied = [best]
+        for backend in candidates[1:]:
+            # Compare active/weight without dividing: a*wb vs b*wa.
+            left = backend.active * best.weight
+            right = best.active * backend.weight
+            if left < right:
                 best = backend
-                bestAt = i
-        self._turn = bestAt + 1
-        return best
+                tied = [backend]
+            elif left == right:
+                tied.append(backend)
+        if len(tied) == 1:
+            return best
+        return self._ties.choose(tied)
 
     def observe(self, backend: Backend, seconds: float) -> None:
         """
@@ -204,8 +207,9 @@ class LeastConn:
 
     def forget(self, backend: Backend) -> None:
         """
-        Least-conn keeps nothing per backend.
+        Drop the tie-breaking bookkeeping for a backend that left.
         """
+        self._ties.forget(backend)
 
 
 _MASK64 = (1 << 64) - 1
