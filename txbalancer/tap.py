@@ -163,6 +163,9 @@ class Options(usage.Options):
         ["panic-threshold", None, 0.0,
          "When fewer than this percentage of backends are up, balance over "
          "all of them. 0 turns panic mode off.", _percent],
+        ["backend-ca", None, None,
+         "Verify https:// backends against the CA certificates in this PEM "
+         "file instead of the system's trusted CAs."],
         ["tls-cert-dir", None, None,
          "Serve every *.pem in this directory (certificate chain and key) on "
          "the TLS listeners, picked by SNI from the certificates' names."],
@@ -290,6 +293,11 @@ class Options(usage.Options):
         try:
             self["backendSpecs"] = load_backends(self["backends"])
             self["serverTLS"] = self._serverTLS()
+            self["backendTrustRoot"] = None
+            if self["backend-ca"]:
+                from txbalancer.upstream import loadTrustRoot
+
+                self["backendTrustRoot"] = loadTrustRoot(self["backend-ca"])
         except ConfigError as e:
             # A broken backends file or certificate is not a usage mistake:
             # say what and where in one line, without twistd's page of help.
@@ -352,6 +360,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     from txbalancer.health import HealthChecker, OutlierDetector
 
     import random
+    from functools import partial
+
+    # One TLS policy for https:// backends, shared by the proxy and the checks.
+    tlsOptionsFor = partial(backendTLSOptions, trustRoot=options["backendTrustRoot"])
 
     pool = BackendPool(
         options["backendSpecs"],
@@ -389,7 +401,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         fall=options["fall"],
         statusRange=options["health-status"],
         active=not options["no-health-checks"],
-        tlsOptionsFor=backendTLSOptions,
+        tlsOptionsFor=tlsOptionsFor,
     )
     pool.checker = checker
     if options["eject-after"]:
@@ -402,6 +414,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         )
     upstreams = UpstreamPool(
         reactor,
+        tlsOptionsFor=tlsOptionsFor,
         connectTimeout=options["connect-timeout"],
         maxIdlePerBackend=options["max-idle-per-backend"],
         idleTimeout=options["upstream-idle-timeout"],

@@ -340,17 +340,45 @@ def _isIP(host: str, version: int) -> bool:
         return False
 
 
-def backendTLSOptions(backend: Backend) -> Any:
+def backendTLSOptions(backend: Backend, trustRoot: Any = None) -> Any:
     """
-    Client TLS options for an C{https://} backend: its certificate verified
-    for its host name against the system's trusted CAs, SNI sent; or, with
-    C{tls_verify=off}, no verification at all.
+    Client TLS options for an C{https://} backend: SNI sent, and its
+    certificate verified for its host name (service-identity) against
+    C{trustRoot} (see L{loadTrustRoot}) or the system's trusted CAs; or,
+    with C{tls_verify=off}, no verification at all.
     """
     from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
 
     if not backend.spec.tls_verify:
         return CertificateOptions(verify=False)
-    return optionsForClientTLS(backend.host)
+    return optionsForClientTLS(backend.host, trustRoot=trustRoot)
+
+
+def loadTrustRoot(path: str) -> Any:
+    """
+    A trust root made of every certificate in the PEM file at C{path}.
+
+    @raise txbalancer.config.ConfigError: naming the file, when it cannot be
+        read or holds no certificate.
+    """
+    from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
+    from txbalancer.config import ConfigError
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read CA file: {e.strerror}", filename=path)
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [block + marker for block in data.split(marker) if b"-----BEGIN" in block]
+    try:
+        certificates = [Certificate.loadPEM(block) for block in blocks]
+    except Exception as e:
+        raise ConfigError(f"not a PEM certificate file: {e}", filename=path)
+    if not certificates:
+        raise ConfigError("no certificate in CA file", filename=path)
+    return trustRootFromCertificates(certificates)
 
 
 class UpstreamPool:
