@@ -12,8 +12,6 @@ import ipaddress
 import re
 from typing import Iterable, Sequence
 
-Headers = "list[tuple[bytes, bytes]]"
-
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and their unofficial siblings.
 # They describe one connection, never the next one, so they are removed in
 # both directions, together with every header a Connection header names.

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Optional
 
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -511,12 +511,3 @@ class UpstreamPool:
             if conn.exchange is not None:
                 conn.transport.abortConnection()
         return defer.succeed(None)
-
-
-CONNECT_ERRORS = (
-    error.ConnectError,
-    error.ConnectionRefusedError,
-    error.TimeoutError,
-    error.DNSLookupError,
-    error.NoRouteError,
-)
