@@ -338,17 +338,8 @@ _ENDPOINTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "extraCertChain",
             "dhParameters",
         ),
-        (
-            "port",
-            "privateKey",
-            "certKey",
-            "sslmethod",
-            "interface",
-            "backlog",
-            "extraCertChain",
-            "dhParameters",
-        ),
-    ),
+    )
+    * 2,
     "unix": (("address", "mode", "backlog", "lockfile"),) * 2,
     "systemd": (("domain", "index", "name"),) * 2,
 }

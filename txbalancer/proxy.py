@@ -103,6 +103,7 @@ class Forwarder:
         return trusted
 
 
+@implementer(IPushProducer)
 class _RequestBodyProducer:
     """
     Registered with a backend connection while a request body streams to
@@ -120,9 +121,6 @@ class _RequestBodyProducer:
 
     def stopProducing(self) -> None:
         self.server.resumeReading("upstream")
-
-
-implementer(IPushProducer)(_RequestBodyProducer)
 
 
 @implementer(IPushProducer)

@@ -38,41 +38,30 @@ def _seconds(option: str):
     return coerce
 
 
-def _count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a whole number")
-    if n < 0:
-        raise ValueError(f"{value!r} is negative")
-    return n
+def _number(kind: type, low: float, high: float = float("inf"), what: str = ""):
+    """
+    An option coercer: a C{kind} (int or float) between C{low} and C{high}.
+    """
+
+    def coerce(value: str):
+        try:
+            n = kind(value)
+        except ValueError:
+            noun = "whole number" if kind is int else "number"
+            raise ValueError(f"{value!r} is not a {noun}")
+        if not low <= n <= high:
+            if what:
+                raise ValueError(f"{value!r} is not {what}")
+            raise ValueError(f"{value!r} is negative" if n < 0 else f"{value!r} is not at least {low}")
+        return n
+
+    return coerce
 
 
-def _nonNegative(value: str) -> float:
-    try:
-        n = float(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a number")
-    if n < 0:
-        raise ValueError(f"{value!r} is negative")
-    return n
-
-
-def _positive(value: str) -> int:
-    n = _count(value)
-    if n < 1:
-        raise ValueError(f"{value!r} is not at least 1")
-    return n
-
-
-def _percent(value: str) -> float:
-    try:
-        n = float(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a number")
-    if not 0 <= n <= 100:
-        raise ValueError(f"{value!r} is not a percentage between 0 and 100")
-    return n
+_count = _number(int, 0)
+_positive = _number(int, 1)
+_nonNegative = _number(float, 0)
+_percent = _number(float, 0, 100, "a percentage between 0 and 100")
 
 
 def _statusRange(value: str) -> tuple[int, int]:

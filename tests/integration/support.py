@@ -24,6 +24,23 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 
 
+# Health checks fast enough that a test can wait for their verdicts.
+INTERVAL = 0.5
+FALL = 2
+RISE = 2
+FAST_HEALTH = (
+    "--health-interval",
+    str(INTERVAL),
+    "--fall",
+    str(FALL),
+    "--rise",
+    str(RISE),
+)
+# Generous slack on top of what the configured intervals promise: a loaded
+# two-core machine runs node, twistd and the test at once.
+MARGIN = 3.0
+
+
 def tail(path: Path, limit: int = 20000) -> str:
     try:
         text = Path(path).read_text(errors="replace")

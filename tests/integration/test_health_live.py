@@ -15,22 +15,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from .httpraw import ProtocolError, RawClient, get
-from .support import port_of, wait_for
+from .support import FALL, FAST_HEALTH, INTERVAL, MARGIN, RISE, port_of, wait_for
 
 pytestmark = pytest.mark.integration
 
-INTERVAL = 0.5
-FALL = 2
-RISE = 2
-FAST_HEALTH = (
-    "--health-interval",
-    str(INTERVAL),
-    "--fall",
-    str(FALL),
-    "--rise",
-    str(RISE),
-)
-MARGIN = 3.0
 # What the README promises (interval x fall, plus one interval of jitter and
 # check in flight), and interval x rise for a recovery, each plus slack.
 DOWN_WITHIN = INTERVAL * (FALL + 1) + MARGIN

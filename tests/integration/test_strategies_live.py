@@ -13,25 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from .httpraw import RawClient, build_request, get
-from .support import get_from, port_of, wait_for
+from .support import FALL, FAST_HEALTH, INTERVAL, MARGIN, RISE, get_from, port_of, wait_for
 
 pytestmark = pytest.mark.integration
 
-# Health checks fast enough that a test can wait for their verdicts.
-INTERVAL = 0.5
-FALL = 2
-RISE = 2
-FAST_HEALTH = (
-    "--health-interval",
-    str(INTERVAL),
-    "--fall",
-    str(FALL),
-    "--rise",
-    str(RISE),
-)
-# Generous slack on top of what the configured intervals promise: a loaded
-# two-core machine runs node, twistd and the test at once.
-MARGIN = 3.0
 
 SOURCES = [f"127.0.0.{i}" for i in range(2, 21)]
 
