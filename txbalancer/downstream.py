@@ -486,7 +486,23 @@ class HTTPServerProtocol(Protocol):
                 exchange.start()
             exchange.bodyFinished()
 
+    # -- IFrontEndConnection
+
+    def isIdle(self) -> bool:
+        """
+        Whether no request is in progress: between requests, with nothing
+        of the next one received.
+        """
+        return self._state == _HEAD and not self._buffer and not self._responding
+
     # -- writing, for the exchange
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self.transport is not None:
+            self.transport.unregisterProducer()
 
     def sendContinue(self) -> None:
         """
@@ -716,7 +732,7 @@ class HTTPServerFactory(Factory):
             return d
         self._drained.append(d)
         for conn in list(self.connections):
-            if conn._state == _HEAD and not conn._buffer and not conn._responding:
+            if conn.isIdle():
                 conn.transport.loseConnection()
         if self.connections:
             log.info(

@@ -41,8 +41,6 @@ from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection
 
 from txbalancer.downstream import (
-    _DONE,
-    _HEAD,
     NO_BODY_STATUSES,
     REASONS,
     Request,
@@ -197,6 +195,13 @@ class H2StreamServer:
 
     # -- writing
 
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.stream.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self.stream.producer is not None:
+            self.stream.unregisterProducer()
+
     def sendContinue(self) -> None:
         if not self.responding and self._active():
             self.connection._send100Continue(self.streamID)
@@ -323,17 +328,13 @@ class H2ProxyConnection(H2Connection):
             self.factory.connections.discard(self)
             self.factory.connectionClosed()
 
-    # What a graceful stop (HTTPServerFactory.drain) looks at.
+    # -- IFrontEndConnection, for a graceful stop
 
-    @property
-    def _state(self) -> int:
-        return _DONE if self.streams else _HEAD
-
-    _buffer = b""
-
-    @property
-    def _responding(self) -> bool:
-        return bool(self.streams)
+    def isIdle(self) -> bool:
+        """
+        Whether no stream is open on this connection.
+        """
+        return not self.streams
 
     def goAway(self) -> None:
         """

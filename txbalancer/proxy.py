@@ -72,8 +72,10 @@ class Forwarder:
         queueTimeout: float = 0.0,
         hsts: Optional[int] = None,
         redirectHttps: bool = False,
+        httpsPort: Optional[int] = None,
     ) -> None:
         self.pool = pool
+        self.httpsPort = httpsPort
         self.hsts = (
             (b"Strict-Transport-Security", b"max-age=%d" % (hsts,))
             if hsts is not None
@@ -367,7 +369,10 @@ class ProxyExchange:
         request = self.request
         host = request.host or b""
         if not host.endswith(b"]") and b":" in host:
-            host = host.rsplit(b":", 1)[0]  # the https port is the default
+            host = host.rsplit(b":", 1)[0]
+        port = self.forwarder.httpsPort
+        if port is not None and port != 443:
+            host += b":%d" % (port,)
         location = b"https://" + host + request.target
         self.status = 301
         self._finish()
@@ -445,7 +450,7 @@ class ProxyExchange:
         self.server.startResponse(status, reason, headers, length)
         if length is None or length > SMALL_RESPONSE:
             self._producing = True
-            self.server.transport.registerProducer(self, True)
+            self.server.registerProducer(self, True)
 
     def responseData(self, data: bytes) -> None:
         self.sentBytes += len(data)
@@ -593,9 +598,7 @@ class ProxyExchange:
     def _stopProducing(self) -> None:
         if self._producing:
             self._producing = False
-            transport = self.server.transport
-            if transport is not None:
-                transport.unregisterProducer()
+            self.server.unregisterProducer()
 
     def _bug(self, failure: Any) -> None:
         log.failure("unexpected error while forwarding", failure)
