@@ -484,7 +484,7 @@ class FailureTests(ProxyTestCase):
         lb.reactor.advance(100)
         backend.respond(b"cd")
         self.assertTrue(client.received().endswith(b"abcd"))
-        self.assertEqual(lb.reactor.getDelayedCalls()[0].getTime() > 100, True)
+        self.assertEqual(lb.requestTimers()[0].getTime() > 100, True)
 
     def test_backend_timeout_counts_from_end_of_request(self) -> None:
         """A request body that takes longer than backendTimeout to upload is not a 504."""
@@ -524,7 +524,7 @@ class FailureTests(ProxyTestCase):
         lb.flush()
         self.assertIdle()
         self.assertEqual(lb.upstreams.idleCount(lb.backend("127.0.0.1:3001")), 0)
-        self.assertEqual(lb.reactor.getDelayedCalls(), [])
+        self.assertEqual(lb.requestTimers(), [])
 
     def test_client_leaving_mid_response(self) -> None:
         """A client leaving mid-response aborts the upstream connection."""

@@ -182,7 +182,7 @@ def test_import_is_pure() -> None:
     ).stdout
     modules = json.loads(out)
     assert "twisted.internet.reactor" not in modules
-    assert sorted(modules) == ["txbalancer", "txbalancer.choosers"]
+    assert sorted(modules) == ["txbalancer", "txbalancer.choosers", "txbalancer.interfaces"]
 
 
 # -- round robin

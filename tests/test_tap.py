@@ -13,7 +13,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from txbalancer.downstream import HTTPServerFactory
-from txbalancer.service import BalancerService
+from txbalancer.balancer import Balancer
 from txbalancer.tap import Options, makeService
 
 
@@ -40,29 +40,35 @@ class OptionsTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         """Every option has the documented default."""
-        options = self.parse("--backends", self.backends)
-        self.assertEqual(options["port"], ["tcp:8000"])
-        self.assertEqual(options["strategy"], "round-robin")
-        self.assertEqual(tuple(options["trusted-proxies"]), ())
-        self.assertEqual(options["connect-timeout"], 3.0)
-        self.assertEqual(options["backend-timeout"], 60.0)
-        self.assertEqual(options["client-timeout"], 60.0)
-        self.assertIsNone(options["access-log"])
-        self.assertIsNone(options["max-body-size"])
-        self.assertEqual(options["max-idle-per-backend"], 64)
-        self.assertEqual(options["upstream-idle-timeout"], 4.0)
-        self.assertEqual(options["drain-timeout"], 30.0)
-        specs = options["backendSpecs"]
-        self.assertEqual([s.address for s in specs], ["127.0.0.1:3001", "127.0.0.1:3002"])
-        self.assertEqual([s.weight for s in specs], [1, 2])
+        config = self.parse("--backends", self.backends)["config"]
+        (pool,) = config.pools
+        self.assertEqual([listener.endpoint for listener in config.listeners], ["tcp:8000"])
+        self.assertEqual(pool.strategy, "round-robin")
+        self.assertEqual(config.trustedProxies, ())
+        self.assertEqual(pool.connectTimeout, 3.0)
+        self.assertEqual(pool.backendTimeout, 60.0)
+        self.assertEqual(config.clientTimeout, 60.0)
+        self.assertIsNone(config.accessLog)
+        self.assertIsNone(config.maxBodySize)
+        self.assertEqual(pool.maxIdlePerBackend, 64)
+        self.assertEqual(pool.upstreamIdleTimeout, 4.0)
+        self.assertEqual(pool.healthStatus, (200, 399))
+        self.assertEqual(config.drainTimeout, 30.0)
+        self.assertEqual(pool.name, "default")
+        self.assertEqual(pool.source, self.backends)
+        self.assertEqual([s.address for s in pool.backends], ["127.0.0.1:3001", "127.0.0.1:3002"])
+        self.assertEqual([s.weight for s in pool.backends], [1, 2])
 
     def test_port_repeatable(self) -> None:
-        """--port may be given several times; a bare number means tcp:N."""
+        """--port may be given several times; a bare number means tcp:N, anything else goes to Twisted as it is."""
         options = self.parse(
             "--port", "8080", "--port", "tcp:9000:interface=127.0.0.1", "-p", "0",
-            "--backends", self.backends,
+            "--port", "unix:/tmp/lb.sock", "--backends", self.backends,
         )
-        self.assertEqual(options["port"], ["tcp:8080", "tcp:9000:interface=127.0.0.1", "tcp:0"])
+        self.assertEqual(
+            [listener.endpoint for listener in options["config"].listeners],
+            ["tcp:8080", "tcp:9000:interface=127.0.0.1", "tcp:0", "unix:/tmp/lb.sock"],
+        )
 
     def test_bad_port(self) -> None:
         """A bad --port is a usage error naming the value."""
@@ -78,12 +84,14 @@ class OptionsTests(SynchronousTestCase):
             "--upstream-idle-timeout", "2", "--drain-timeout", "1",
             "--trusted-proxies", "10.0.0.0/8,::1/128",
         )
-        self.assertEqual(options["connect-timeout"], 1.5)
-        self.assertEqual(options["backend-timeout"], 5.0)
-        self.assertEqual(options["client-timeout"], 7.0)
-        self.assertIn(options["max-body-size"], (1000, 1024))
-        self.assertEqual(options["max-idle-per-backend"], 3)
-        self.assertEqual(len(options["trusted-proxies"]), 2)
+        config = options["config"]
+        (pool,) = config.pools
+        self.assertEqual(pool.connectTimeout, 1.5)
+        self.assertEqual(pool.backendTimeout, 5.0)
+        self.assertEqual(config.clientTimeout, 7.0)
+        self.assertEqual(config.maxBodySize, 1024)
+        self.assertEqual(pool.maxIdlePerBackend, 3)
+        self.assertEqual(len(config.trustedProxies), 2)
 
     def test_bad_number(self) -> None:
         """A non-numeric timeout or count is a usage error."""
@@ -148,7 +156,7 @@ class MakeServiceTests(SynchronousTestCase):
     def test_listens_on_each_port(self) -> None:
         """makeService listens on every --port once started, and stops cleanly."""
         service, reactor = self.service("--port", "8081", "--port", "tcp:8082:interface=127.0.0.1")
-        self.assertIsInstance(service, BalancerService)
+        self.assertIsInstance(service, Balancer)
         self.assertEqual(reactor.tcpServers, [])
         service.startService()
         self.assertEqual(
@@ -162,6 +170,21 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertFalse(service.running)
         self.assertEqual(reactor.getDelayedCalls(), [])
 
+    def test_any_twisted_endpoint(self) -> None:
+        """A --port that is not a number goes to Twisted's endpoint parser: a unix socket listens too."""
+        path = _tempPath()
+        service, reactor = self.service("--port", f"unix:{path}")
+        service.startService()
+        self.assertEqual([address for address, *_ in reactor.unixServers], [path])
+        self.successResultOf(service.stopService())
+
+    def test_bad_endpoint(self) -> None:
+        """An endpoint string Twisted cannot parse stops start-up with a message naming it."""
+        options = Options()
+        options.parseOptions(["--backends", self.backends, "--port", "nosuch:1234"])
+        e = self.assertRaises(SystemExit, makeService, options, MemoryReactorClock())
+        self.assertIn("nosuch:1234", str(e.code))
+
     def test_options_reach_the_parts(self) -> None:
         """Timeouts and limits from the command line reach the factory, forwarder and pool."""
         service, reactor = self.service(
@@ -173,12 +196,13 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(factory.clientTimeout, 7.0)
         self.assertEqual(factory.maxBodySize, 100)
         self.assertIs(factory.reactor, reactor)
-        self.assertEqual(service.forwarder.backendTimeout, 9.0)
-        self.assertEqual(service.upstreams.connectTimeout, 2.0)
-        self.assertEqual(service.upstreams.maxIdlePerBackend, 5)
-        self.assertEqual(service.upstreams.idleTimeout, 3.0)
-        self.assertEqual(service.drainTimeout, 11.0)
-        self.assertEqual(len(service.pool.backends), 2)
+        runtime = service.defaultPool
+        self.assertEqual(runtime.forwarder.backendTimeout, 9.0)
+        self.assertEqual(runtime.upstreams.connectTimeout, 2.0)
+        self.assertEqual(runtime.upstreams.maxIdlePerBackend, 5)
+        self.assertEqual(runtime.upstreams.idleTimeout, 3.0)
+        self.assertEqual(service.config.drainTimeout, 11.0)
+        self.assertEqual(len(runtime.pool.backends), 2)
 
     def test_access_log_file(self) -> None:
         """--access-log FILE opens the file; stopping closes it."""

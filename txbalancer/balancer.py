@@ -356,7 +356,13 @@ class Balancer(MultiService):
         if any(listener.secure for listener in config.listeners):
             serverTLS = self._serverTLS()
         for listener in config.listeners:
-            endpoint = serverFromString(self.reactor, listener.endpoint)
+            try:
+                endpoint = serverFromString(self.reactor, listener.endpoint)
+            except (ValueError, TypeError, KeyError) as e:
+                raise ConfigError(
+                    f"cannot listen on {listener.endpoint!r}: {e} (expected a port "
+                    "number or a Twisted endpoint such as tcp:8000:interface=127.0.0.1)"
+                ) from None
             factory = self.serverFactory(secure=listener.secure)
             if listener.secure:
                 from twisted.protocols.tls import TLSMemoryBIOFactory

@@ -1,7 +1,9 @@
 """
 Strategies that pick a backend for a request.
 
-Every strategy is a small class with the same interface (L{Strategy}):
+Every strategy is a small class with the same interface
+(L{txbalancer.interfaces.IStrategy}; each takes C{random=} and C{clock=}
+keywords and ignores what it does not need):
 C{choose(candidates, key)} picks one of C{candidates}, C{observe(backend,
 seconds)} hears how long a finished attempt waited for response headers,
 and C{forget(backend)} drops what it kept about a backend that left the
@@ -29,51 +31,14 @@ import random as _random
 import time
 from collections.abc import Sequence
 from hashlib import blake2b
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable
+
+from zope.interface import implementer
+
+from txbalancer.interfaces import IStrategy
 
 if TYPE_CHECKING:
     from txbalancer.backend import Backend
-
-
-class Strategy(Protocol):
-    """
-    What the pool needs from a strategy.
-
-    @cvar name: the C{--strategy} name.
-    @cvar description: one line for C{twistd balancer --help}.
-    """
-
-    name: str
-    description: str
-
-    def __init__(
-        self,
-        *,
-        random: _random.Random | None = None,
-        clock: Callable[[], float] | None = None,
-    ) -> None:
-        """
-        Every strategy takes both; each ignores what it does not need.
-        """
-
-    def choose(
-        self, candidates: Sequence[Backend], key: str | None = None
-    ) -> Backend | None:
-        """
-        One of C{candidates}, or L{None} when there are none.
-
-        @param key: the client's address; only C{ip-hash} uses it.
-        """
-
-    def observe(self, backend: Backend, seconds: float) -> None:
-        """
-        An attempt on C{backend} got its response headers after C{seconds}.
-        """
-
-    def forget(self, backend: Backend) -> None:
-        """
-        C{backend} left the pool: drop what was kept about it.
-        """
 
 
 def _lighter(a: Backend, b: Backend) -> bool:
@@ -107,6 +72,7 @@ def _weightedIndex(
     return last  # only reached through float rounding at the very top
 
 
+@implementer(IStrategy)
 class RoundRobin:
     """
     Smooth weighted round robin, as nginx does it: every pick adds each
@@ -160,6 +126,7 @@ class RoundRobin:
         self._current.pop(id(backend), None)
 
 
+@implementer(IStrategy)
 class LeastConn:
     """
     Fewest requests in flight per unit of weight.  Backends tied for the
@@ -250,6 +217,7 @@ def hrwScore(key: str, address: str, weight: float) -> float:
     return -weight / math.log(u)
 
 
+@implementer(IStrategy)
 class IPHash:
     """
     Weighted rendezvous hashing (highest random weight) of the client
@@ -325,6 +293,7 @@ class IPHash:
         self._fallback.forget(backend)
 
 
+@implementer(IStrategy)
 class Random:
     """
     A candidate drawn at random, with probability proportional to its
@@ -362,6 +331,7 @@ class Random:
         """
 
 
+@implementer(IStrategy)
 class PowerOfTwoChoices:
     """
     Power of two choices: two distinct candidates drawn at random by weight;
@@ -418,6 +388,7 @@ class _Ewma:
         self.stamp = stamp
 
 
+@implementer(IStrategy)
 class LeastTime:
     """
     Least expected time: the lowest C{latency * (in flight + 1) / weight}
@@ -538,7 +509,7 @@ class LeastTime:
         self._estimates.pop(backend, None)
 
 
-STRATEGIES: dict[str, type[Strategy]] = {
+STRATEGIES: dict[str, type] = {
     strategy.name: strategy
     for strategy in (
         RoundRobin,

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from txbalancer.framing import (
     BAD_VALUE,
@@ -37,6 +38,7 @@ from txbalancer.framing import (
     parseContentLength,
 )
 from txbalancer.headers import connectionTokens
+from txbalancer.interfaces import IDownstream, IFrontEndConnection, IRequestHead
 
 log = Logger()
 
@@ -71,6 +73,7 @@ class BadRequest(FramingError):
     """
 
 
+@implementer(IRequestHead)
 class Request:
     """
     The parsed head of one request.
@@ -247,6 +250,7 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
 _HEAD, _BODY, _CHUNKED, _DONE = range(4)
 
 
+@implementer(IDownstream, IFrontEndConnection)
 class HTTPServerProtocol(Protocol):
     """
     One client connection, one request at a time (pipelined requests wait

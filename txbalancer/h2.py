@@ -39,6 +39,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection
+from zope.interface import implementer
 
 from txbalancer.downstream import (
     NO_BODY_STATUSES,
@@ -46,6 +47,7 @@ from txbalancer.downstream import (
     Request,
 )
 from txbalancer.framing import FramingError, parseContentLength
+from txbalancer.interfaces import IDownstream, IFrontEndConnection
 
 log = Logger()
 
@@ -152,6 +154,7 @@ class _StreamRequest:
             self.server.sendError(status, REASONS.get(status, b"Error").decode() + ": " + reason)
 
 
+@implementer(IDownstream)
 class H2StreamServer:
     """
     The server side of one exchange, on one HTTP/2 stream: the same methods
@@ -266,6 +269,7 @@ class H2StreamServer:
         self.finishResponse()
 
 
+@implementer(IFrontEndConnection)
 class H2ProxyConnection(H2Connection):
     """
     An HTTP/2 connection whose streams are proxied by the balancer.

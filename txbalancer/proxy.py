@@ -26,6 +26,7 @@ from txbalancer.headers import (
     forwardedHeaders,
     isTrusted,
 )
+from txbalancer.interfaces import IExchange
 from txbalancer.upstream import UpstreamConnection
 
 log = Logger()
@@ -125,7 +126,7 @@ class _RequestBodyProducer:
         self.server.resumeReading("upstream")
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IExchange)
 class ProxyExchange:
     """
     One request on its way through the balancer.

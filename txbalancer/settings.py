@@ -458,7 +458,9 @@ def settingFor(name: str) -> Setting:
     """
     found = _BY_OPTION.get(name) or _BY_ATTRIBUTE.get(name)
     if found is None:
-        raise ConfigError(f"unknown setting {name!r}" + didYouMean(name, _BY_OPTION))
+        # Suggest in the spelling used: option names have dashes.
+        known = _BY_OPTION if "-" in name or name.islower() else _BY_ATTRIBUTE
+        raise ConfigError(f"unknown setting {name!r}" + didYouMean(name, list(known)))
     return found
 
 

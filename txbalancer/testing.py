@@ -22,6 +22,7 @@ inside C{loseConnection}.  Call L{InMemoryBalancer.flush} to deliver them.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
@@ -30,7 +31,6 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from txbalancer.choosers import RoundRobin
 from txbalancer.config import BackendSpec, parse_backends
 from txbalancer.downstream import HTTPServerFactory, HTTPServerProtocol, Request
 from txbalancer.pool import BackendPool
@@ -40,6 +40,7 @@ from txbalancer.upstream import UpstreamConnection, UpstreamPool
 __all__ = [
     "BackendConnection",
     "ClientConnection",
+    "FakeHealthClient",
     "FakeTransport",
     "InMemoryBalancer",
     "PendingConnect",
@@ -296,56 +297,137 @@ class PendingConnect:
         self.factory.clientConnectionFailed(self.connector, Failure(reason))
 
 
+class FakeHealthResponse:
+    """
+    What a health check reads of a response: its code, headers, length.
+    """
+
+    def __init__(self, code: int, headers: Optional[dict] = None) -> None:
+        from twisted.web.http_headers import Headers
+
+        self.code = code
+        self.headers = Headers({k: [v] for k, v in (headers or {}).items()})
+        self.length = 0
+
+
+class FakeHealthClient:
+    """
+    A stand-in for the treq client of the health checks: each check of a
+    backend is answered by C{answers[address]} (default 200):
+
+        - a status code, answered at once;
+        - C{(503, {b"Retry-After": b"5"})}: a status with headers;
+        - an exception, such as C{ConnectionRefusedError()}: the check fails
+          with it;
+        - C{"hang"}: no answer at all (the check's own timeout fires).
+
+    @ivar checks: the URLs checked, oldest first.
+    """
+
+    def __init__(self) -> None:
+        self.answers: dict[str, Any] = {}
+        self.checks: list[str] = []
+
+    def get(self, url: str, headers: Any = None, **kwargs: Any) -> Any:
+        from twisted.internet.defer import Deferred, fail, succeed
+
+        self.checks.append(url)
+        address = url.split("://", 1)[1].split("/", 1)[0]
+        answer = self.answers.get(address, 200)
+        if answer == "hang":
+            return Deferred()
+        if isinstance(answer, BaseException):
+            return fail(answer)
+        if isinstance(answer, tuple):
+            return succeed(FakeHealthResponse(*answer))
+        return succeed(FakeHealthResponse(answer))
+
+
 class InMemoryBalancer:
     """
-    A whole balancer (server protocol, forwarder, pools) on a
-    L{MemoryReactorClock}, with clients and backends in memory.
+    A whole L{txbalancer.Balancer} (server protocol, forwarder, pools,
+    health checks, ejection) on a L{MemoryReactorClock}, started, with
+    clients and backends in memory.
+
+    Health checks are answered by a L{FakeHealthClient} (C{health}): every
+    backend passes until a test says otherwise; they run when the clock
+    advances (C{reactor.advance}).
 
     @param backends: backends-file lines.
+    @param settings: any setting of L{txbalancer.settings} by attribute
+        name (C{backendTimeout=10}, C{strategy="least-conn"}, ...).
     """
 
     def __init__(
         self,
         backends: Sequence[str] = ("127.0.0.1:3001", "127.0.0.1:3002"),
-        chooser: Optional[Callable[[], Any]] = None,
-        trustedProxies: Sequence[Any] = (),
-        backendTimeout: float = 60.0,
-        clientTimeout: Optional[float] = 60.0,
-        maxBodySize: Optional[int] = None,
-        connectTimeout: float = 3.0,
-        maxIdlePerBackend: int = 64,
-        idleTimeout: float = 4.0,
-        accessLog: Any = None,
         secure: bool = False,
+        accessLog: Any = None,
+        idleTimeout: Optional[float] = None,
+        **settings: Any,
     ) -> None:
+        from txbalancer.balancer import Balancer
+
         self.reactor = MemoryReactorClock()
-        self.pool = BackendPool(
-            backendSpecs(*backends) if backends else (),
-            (chooser or RoundRobin)(),
+        self.health = FakeHealthClient()
+        if idleTimeout is not None:
+            settings["upstreamIdleTimeout"] = idleTimeout
+        self.balancer = Balancer(
+            list(backends),
+            reactor=self.reactor,
+            random=random.Random(0),
+            jitter=lambda: 0.0,
+            healthClient=self.health,
+            **settings,
         )
-        self.upstreams = UpstreamPool(
-            self.reactor,
-            connectTimeout=connectTimeout,
-            maxIdlePerBackend=maxIdlePerBackend,
-            idleTimeout=idleTimeout,
-        )
-        self.forwarder = Forwarder(
-            self.pool,
-            self.upstreams,
-            self.reactor,
-            trustedProxies=trustedProxies,
-            backendTimeout=backendTimeout,
-            accessLog=accessLog,
-        )
-        self.factory = HTTPServerFactory(
-            self.forwarder,
-            self.reactor,
-            clientTimeout=clientTimeout,
-            maxBodySize=maxBodySize,
-            secure=secure,
-        )
+        self.factory = self.balancer.serverFactory(secure=secure)
+        if accessLog is not None:
+            self.forwarder.accessLog = accessLog
+        self.balancer.startService()
         self._transports: list[FakeTransport] = []
         self._resolved: set[int] = set()
+
+    @property
+    def runtime(self) -> Any:
+        return self.balancer.defaultPool
+
+    @property
+    def pool(self) -> BackendPool:
+        return self.runtime.pool
+
+    @property
+    def forwarder(self) -> Forwarder:
+        return self.runtime.forwarder
+
+    @property
+    def upstreams(self) -> UpstreamPool:
+        return self.runtime.upstreams
+
+    @property
+    def checker(self) -> Any:
+        return self.runtime.checker
+
+    def stop(self) -> Any:
+        """
+        Stop the balancer (a graceful stop): a Deferred.
+        """
+        return self.balancer.stopService()
+
+    def requestTimers(self) -> list[Any]:
+        """
+        The delayed calls pending on the reactor, less the balancer's own
+        periodic ones (health checks, sweeps): what requests left behind.
+        """
+        from twisted.internet.task import LoopingCall
+
+        from txbalancer.health import HealthChecker
+
+        return [
+            call
+            for call in self.reactor.getDelayedCalls()
+            if not isinstance(call.func, LoopingCall)
+            and not isinstance(getattr(call.func, "__self__", None), HealthChecker)
+        ]
 
     def backend(self, address: str) -> Any:
         """

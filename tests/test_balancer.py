@@ -1,0 +1,194 @@
+"""
+Tests for txbalancer.balancer: one Balancer built from settings, started,
+serving, and stopped gracefully.
+"""
+
+from __future__ import annotations
+
+import io
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from txbalancer import Balancer
+from txbalancer.accesslog import AccessLog
+from txbalancer.config import ConfigError
+from txbalancer.downstream import HTTPServerFactory
+from txbalancer.interfaces import IDownstream, IExchange, IStrategy
+from txbalancer.testing import InMemoryBalancer
+
+GET = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class FakeEndpoint:
+    """
+    A server endpoint that listens on a MemoryReactorClock.
+    """
+
+    def __init__(self, reactor: MemoryReactorClock, port: int) -> None:
+        self.reactor = reactor
+        self.port = port
+
+    def listen(self, factory):
+        from twisted.internet.defer import succeed
+
+        return succeed(self.reactor.listenTCP(self.port, factory))
+
+
+class BuildTests(SynchronousTestCase):
+    def test_keyword_settings(self) -> None:
+        """Backends are backends-file lines and settings are keyword arguments named as in settings.py."""
+        reactor = MemoryReactorClock()
+        balancer = Balancer(
+            ["127.0.0.1:3001", "127.0.0.1:3002 weight=2"],
+            strategy="least-conn",
+            healthPath="/healthz",
+            backendTimeout=9,
+            reactor=reactor,
+        )
+        runtime = balancer.defaultPool
+        self.assertEqual([b.address for b in runtime.pool.backends], ["127.0.0.1:3001", "127.0.0.1:3002"])
+        self.assertEqual([b.weight for b in runtime.pool.backends], [1, 2])
+        self.assertEqual(type(runtime.pool.chooser).__name__, "LeastConn")
+        self.assertEqual(runtime.checker.path, "/healthz")
+        self.assertEqual(runtime.forwarder.backendTimeout, 9.0)
+        self.assertEqual(balancer.config.pools[0].name, "default")
+
+    def test_bad_setting(self) -> None:
+        """An unknown keyword is a ConfigError naming the closest known setting."""
+        e = self.assertRaises(ConfigError, Balancer, ["127.0.0.1:3001"], backendTimout=3,
+                              reactor=MemoryReactorClock())
+        self.assertIn("did you mean 'backendTimeout'", str(e))
+
+    def test_bad_value(self) -> None:
+        """A bad value is a ConfigError naming the option."""
+        e = self.assertRaises(ConfigError, Balancer, ["127.0.0.1:3001"], strategy="fastest",
+                              reactor=MemoryReactorClock())
+        self.assertIn("fastest", str(e))
+
+    def test_bad_backend_line(self) -> None:
+        """A bad backend line is a ConfigError that says which line."""
+        e = self.assertRaises(ConfigError, Balancer, ["127.0.0.1:3001", "127.0.0.1:99999"],
+                              reactor=MemoryReactorClock())
+        self.assertIn(":2:", str(e))
+
+    def test_server_factory(self) -> None:
+        """serverFactory() is the balancer's own HTTP/1.1 listener factory, drained on stop."""
+        balancer = Balancer(["127.0.0.1:3001"], reactor=MemoryReactorClock())
+        factory = balancer.serverFactory()
+        self.assertIsInstance(factory, HTTPServerFactory)
+        self.assertIn(factory, balancer.factories)
+
+    def test_interfaces(self) -> None:
+        """The proxy's exchange, the HTTP/1.1 front end and every strategy provide their interfaces."""
+        from txbalancer.choosers import STRATEGIES
+
+        lb = InMemoryBalancer(["127.0.0.1:3001"])
+        client = lb.client()
+        client.send(GET)
+        verifyObject(IDownstream, client.protocol)
+        verifyObject(IExchange, client.protocol._exchange)
+        for cls in STRATEGIES.values():
+            verifyObject(IStrategy, cls())
+
+
+class InMemoryTests(SynchronousTestCase):
+    def test_health_checks_run_on_the_clock(self) -> None:
+        """The in-memory balancer runs real health checks on its fake clock: a failing backend goes down."""
+        lb = InMemoryBalancer(["127.0.0.1:3001", "127.0.0.1:3002"])
+        from twisted.internet.error import ConnectionRefusedError
+
+        lb.health.answers["127.0.0.1:3002"] = ConnectionRefusedError()
+        for _ in range(4):
+            lb.reactor.advance(5)
+        self.assertEqual(lb.backend("127.0.0.1:3002").state, "down")
+        self.assertEqual(lb.backend("127.0.0.1:3001").state, "up")
+        client = lb.client()
+        client.send(GET)
+        self.assertEqual(lb.pendingConnects()[0].address, "127.0.0.1:3001")
+
+    def test_ejection(self) -> None:
+        """Failed requests in a row eject a backend (passive outlier detection is wired)."""
+        lb = InMemoryBalancer(["127.0.0.1:3001", "127.0.0.1:3002"], ejectAfter=2)
+        for _ in range(4):
+            client = lb.client()
+            client.send(GET)
+            while lb.pendingConnects():
+                attempt = lb.pendingConnects()[0]
+                if attempt.address == "127.0.0.1:3002":
+                    lb.failConnect()
+                else:
+                    lb.acceptConnect().respond(OK)
+        self.assertEqual(lb.backend("127.0.0.1:3002").state, "down")
+
+
+class LifecycleTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.lb = InMemoryBalancer(backends=("127.0.0.1:3001",))
+        self.service = self.lb.balancer
+        self.service.listenOn(FakeEndpoint(self.lb.reactor, 8000), self.lb.factory)
+
+    def tearDown(self) -> None:
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_start_listens_and_starts_sweep(self) -> None:
+        """Starting listens on each endpoint and starts the idle sweep and the pool."""
+        self.assertEqual([p for p, *_ in self.lb.reactor.tcpServers], [8000])
+        self.assertTrue(self.lb.upstreams._sweeper.running)
+        self.assertTrue(self.lb.pool.running)
+        self.assertTrue(self.lb.checker.running)
+
+    def test_stop_when_idle(self) -> None:
+        """Stopping with nothing in flight finishes at once and cancels every timer."""
+        client = self.lb.client()
+        d = self.service.stopService()
+        self.assertTrue(client.closed)
+        self.lb.flush()
+        self.successResultOf(d)
+        self.assertFalse(self.lb.pool.running)
+        self.assertFalse(self.lb.checker.running)
+        self.assertFalse(self.lb.upstreams._sweeper.running)
+        self.assertFalse(self.service.running)
+        self.assertEqual(self.lb.reactor.getDelayedCalls(), [])
+
+    def test_stop_waits_for_request_in_flight(self) -> None:
+        """Stopping waits for a request in flight, which completes with Connection: close."""
+        client = self.lb.client()
+        client.send(GET)
+        backend = self.lb.acceptConnect()
+        d = self.service.stopService()
+        self.assertNoResult(d)
+        backend.respond(OK)
+        self.assertTrue(client.received().endswith(b"ok"))
+        self.assertIn(b"Connection: close\r\n", client.received())
+        self.assertTrue(client.closed)
+        self.lb.flush()
+        self.successResultOf(d)
+        self.assertTrue(backend.closed)
+        self.assertEqual(self.lb.reactor.getDelayedCalls(), [])
+
+    def test_stop_gives_up_after_drain_timeout(self) -> None:
+        """Requests still in flight after the drain timeout are aborted and the stop completes."""
+        client = self.lb.client()
+        client.send(GET)
+        backend = self.lb.acceptConnect()
+        d = self.service.stopService()
+        self.lb.reactor.advance(29)
+        self.assertNoResult(d)
+        self.lb.reactor.advance(1)
+        self.assertTrue(client.transport.aborted)
+        self.lb.flush()
+        self.successResultOf(d)
+        self.assertTrue(backend.closed)
+        self.assertEqual(self.lb.forwarder.inFlight, 0)
+
+    def test_access_log_closed(self) -> None:
+        """Stopping closes the access log."""
+        stream = io.StringIO()
+        balancer = Balancer(["127.0.0.1:3001"], reactor=MemoryReactorClock())
+        balancer.accessLog = AccessLog(stream, balancer.reactor.seconds)
+        balancer.startService()
+        self.successResultOf(balancer.stopService())
+        self.assertTrue(stream.closed)
