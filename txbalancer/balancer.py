@@ -160,6 +160,49 @@ class PoolRuntime:
     def inFlight(self) -> int:
         return self.forwarder.inFlight
 
+    # -- changing the set of backends while requests flow (reload, the
+    # admin API, DNS discovery all come here)
+
+    def backend(self, address: str) -> Any:
+        """
+        The backend at C{host:port} (C{scheme://host:port} also matches), or
+        L{None}.
+        """
+        for backend in self.pool.backends:
+            if address in (backend.address, f"{backend.scheme}://{backend.address}"):
+                return backend
+        return None
+
+    def addBackend(self, spec: Any) -> Any:
+        """
+        Add a backend from its L{txbalancer.config.BackendSpec}; its health
+        checks start now.
+        """
+        backend = self.pool.add(spec)
+        self.checker.addBackend(backend)
+        log.info("pool {pool}: added backend {address}", pool=self.name,
+                 address=backend.address)
+        return backend
+
+    def removeBackend(self, backend: Any) -> Any:
+        """
+        Remove C{backend}: no new requests; those in flight finish, then its
+        kept-alive connections close.
+
+        @return: a Deferred that fires when it is gone.
+        """
+        self.checker.removeBackend(backend)
+        d = self.pool.remove(backend)
+        log.info("pool {pool}: removing backend {address} ({n} requests in flight)",
+                 pool=self.name, address=backend.address, n=backend.active)
+
+        def gone(_: object) -> None:
+            self.upstreams.forget(backend)
+            log.info("pool {pool}: backend {address} removed", pool=self.name,
+                     address=backend.address)
+
+        return d.addCallback(gone)
+
     def start(self) -> None:
         self.pool.startService()
         self.checker.startService()
