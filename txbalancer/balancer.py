@@ -294,7 +294,7 @@ class Balancer(MultiService):
         self.reactor = reactor
         self.installSignalHandlers = installSignalHandlers
         self.accessLog = (
-            AccessLog.open(config.accessLog, reactor.seconds)
+            AccessLog.open(config.accessLog, reactor.seconds, config.accessLogFormat)
             if config.accessLog
             else None
         )
@@ -456,6 +456,7 @@ class Balancer(MultiService):
             serverTLS.watch(self.reactor, self.config.tlsReloadInterval)
         if self.installSignalHandlers:
             signal.signal(signal.SIGHUP, self._sighup)
+            signal.signal(signal.SIGUSR1, self._sigusr1)
         for runtime in self.pools.values():
             backends = runtime.pool.backends
             log.info(
@@ -467,6 +468,18 @@ class Balancer(MultiService):
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
+
+    def _sigusr1(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reopenLogs)
+
+    def reopenLogs(self) -> None:
+        """
+        SIGUSR1: reopen the access log file by name, after logrotate moved
+        it away; no line is lost.
+        """
+        if self.accessLog is not None:
+            log.info("SIGUSR1: reopening the access log")
+            self.accessLog.reopen()
 
     def reload(self) -> None:
         """

@@ -83,7 +83,7 @@ class Forwarder:
             else None
         )
         self.redirectHttps = redirectHttps
-        self.needsClientKey = needsClientKey or accessLog is not None
+        self.needsClientKey = needsClientKey
         self.stickyCookie = stickyCookie.encode("ascii") if stickyCookie else None
         self.queueTimeout = queueTimeout
         self.upstreams = upstreams
@@ -162,6 +162,9 @@ class ProxyExchange:
         self._activeBackend: Optional[Backend] = None
         self._queued = False
         self._sentAt = 0.0
+        self._connectStart = 0.0
+        self.connectTime: Optional[float] = None
+        self.firstByteTime: Optional[float] = None
         self.clientKey: Optional[str] = None
         self.cookieValue: Optional[str] = None
 
@@ -266,6 +269,7 @@ class ProxyExchange:
         if conn is not None:
             self._connected(conn)
             return
+        self._connectStart = forwarder.reactor.seconds()
         d = forwarder.upstreams.connect(backend)
         self._connecting = d
         d.addCallbacks(self._connected, self._connectFailed, errbackArgs=(backend,))
@@ -279,11 +283,13 @@ class ProxyExchange:
             self.forwarder.upstreams.release(conn)
             return
         self.conn = conn
+        now = self.forwarder.reactor.seconds()
+        self.connectTime = now - self._connectStart if not conn.reused else 0.0
         head = self._head
         if head is None or self.request.host is None:
             head = self._head = self._buildHead(conn.backend)
         request = self.request
-        self._sentAt = self.forwarder.reactor.seconds()
+        self._sentAt = now
         conn.sendRequest(head, self, request.method == b"HEAD", request.chunked)
         if self.pending:
             pending, self.pending = self.pending, []
@@ -438,7 +444,8 @@ class ProxyExchange:
         backend = self.backend
         pool = forwarder.pool
         pool.attemptFinished(backend, status < 500)
-        pool.observe(backend, forwarder.reactor.seconds() - self._sentAt)
+        self.firstByteTime = forwarder.reactor.seconds() - self._sentAt
+        pool.observe(backend, self.firstByteTime)
         headers = endToEnd(headers)
         if forwarder.hsts is not None and self.request.secure:
             headers = [h for h in headers if h[0].lower() != b"strict-transport-security"]
@@ -567,9 +574,22 @@ class ProxyExchange:
         self._releaseBackend()
         if self.started:
             self.forwarder.inFlight -= 1
-        accessLog = self.forwarder.accessLog
+        forwarder = self.forwarder
+        accessLog = forwarder.accessLog
         if accessLog is not None:
-            accessLog.log(self.request, self.status, self.sentBytes, self.backend)
+            request = self.request
+            client = self.clientKey
+            if client is None:
+                client = clientAddress(request.headers, request.peer, forwarder.trustedProxies)
+            accessLog.log(
+                request,
+                self.status,
+                self.sentBytes,
+                self.backend,
+                client=client,
+                connect=self.connectTime,
+                firstByte=self.firstByteTime,
+            )
 
     def _releaseBackend(self) -> None:
         """
