@@ -293,6 +293,22 @@ class ForwardingTests(ResourceTestCase):
         self.assertEqual(bodyOf(out), b"3\r\nabc\r\n0\r\n\r\n")
         self.assertIdle()
 
+    def test_http10_unknown_length_close_delimited(self) -> None:
+        """An HTTP/1.0 client gets a body of unknown length close-delimited, not chunked."""
+        lb = self.web()
+        client = lb.client()
+        client.send(b"GET /api/ HTTP/1.0\r\nHost: h\r\n\r\n")
+        backend = lb.acceptConnect()
+        self.assertEqual(headOf(backend.received())[0], b"GET / HTTP/1.1")
+        backend.respond(b"HTTP/1.1 200 OK\r\n\r\nabc")
+        backend.close()
+        lb.flush()
+        out = client.received()
+        self.assertEqual(headOf(out)[0], b"HTTP/1.0 200 OK")
+        self.assertEqual(headerValues(out, b"transfer-encoding"), [])
+        self.assertEqual(bodyOf(out), b"abc")
+        self.assertTrue(client.closed)
+
     def test_head_keeps_length(self) -> None:
         """A HEAD answer keeps the backend's Content-Length and has no body."""
         lb = self.web()
