@@ -637,6 +637,27 @@ class StreamingTests(ResourceTestCase):
         client.send(b"GET /static HTTP/1.1\r\nHost: h\r\n\r\n")
         self.assertTrue(client.received().endswith(b"hello\n"))
 
+    def test_immediate_answer_without_continue(self) -> None:
+        """A client waiting on 100-continue that is answered at once (no backend up) gets that answer and no 100 Continue after it."""
+        lb = self.web()
+        for b in lb.pool.backends:
+            lb.pool.setHealth(b, "down")
+        client = lb.client()
+        client.send(b"POST /api/ HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+        out = client.received()
+        self.assertEqual(headOf(out)[0], b"HTTP/1.1 503 Service Unavailable")
+        self.assertNotIn(b"100 Continue", out)
+
+    def test_expect_continue_streams(self) -> None:
+        """twisted.web answers 100-continue itself, and the body then streams to the backend."""
+        lb = self.web()
+        client = lb.client()
+        client.send(b"POST /api/ HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+        self.assertEqual(client.received(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        backend = lb.acceptConnect()
+        client.send(b"abc")
+        self.assertEqual(bodyOf(backend.received()), b"abc")
+
     def test_other_resources_looked_up_once(self) -> None:
         """Requests for other resources are ordinary ones (the whole body read before render), and their resource is looked up once."""
         lb = self.web()

@@ -46,7 +46,12 @@ from txbalancer.downstream import NO_BODY_STATUSES, REASONS, Request
 from txbalancer.headers import connectionTokens
 from txbalancer.interfaces import IDownstream
 
-__all__ = ["BalancerResource", "ResourceDownstream", "StreamingRequest", "StreamingSite"]
+__all__ = [
+    "BalancerResource",
+    "ResourceDownstream",
+    "StreamingRequest",
+    "StreamingSite",
+]
 
 log = Logger()
 
@@ -54,7 +59,11 @@ log = Logger()
 BODY_CHUNK = 64 * 1024
 
 # What ends a client connection as a client leaving, not as a bug.
-_CONNECTION_ENDED = (error.ConnectionDone, error.ConnectionLost, error.ConnectionAborted)
+_CONNECTION_ENDED = (
+    error.ConnectionDone,
+    error.ConnectionLost,
+    error.ConnectionAborted,
+)
 
 # The states of a ResourceDownstream.
 _WAITING = "waiting"  # no response yet
@@ -96,6 +105,13 @@ class ResourceDownstream:
         self._finishWhenArrived = False
         self._spooled: Any = None
         self._pumpCall: Any = None
+
+    @property
+    def answered(self) -> bool:
+        """
+        Whether a response has begun (or the client has left).
+        """
+        return self._state != _WAITING
 
     def watch(self, exchange: Any) -> None:
         """
@@ -311,7 +327,8 @@ class ResourceDownstream:
 
     def unregisterProducer(self) -> None:
         request = self.request
-        if request.producer is not None and getattr(request, "channel", None) is not None:
+        # After the request is finished or lost it has no channel left.
+        if request.producer is not None and getattr(request, "channel", None):
             request.unregisterProducer()
 
 
@@ -513,7 +530,8 @@ def _announcesBody(headers: list[tuple[bytes, bytes]]) -> bool:
     """
     Whether the client said a body follows (maybe an empty one).
     """
-    return any(n.lower() in (b"content-length", b"transfer-encoding") for n, v in headers)
+    framing = (b"content-length", b"transfer-encoding")
+    return any(name.lower() in framing for name, value in headers)
 
 
 def _peerOf(request: Any) -> str:
@@ -542,7 +560,11 @@ class StreamingRequest(server.Request):
         if isinstance(resrc, BalancerResource):
             self._lookedUp = None
             self.content = io.BytesIO()
-            self._streamedTo = resrc.startStreaming(self, length)
+            self._streamedTo = streamedTo = resrc.startStreaming(self, length)
+            if streamedTo.answered:
+                # The answer is final already (a 503, a 400): twisted.web
+                # must not send 100 Continue after it.
+                self.requestHeaders.removeHeader(b"expect")
         else:
             server.Request.gotLength(self, length)
 
