@@ -658,6 +658,30 @@ class StreamingTests(ResourceTestCase):
         client.send(b"abc")
         self.assertEqual(bodyOf(backend.received()), b"abc")
 
+    def test_declared_body_too_large_closes(self) -> None:
+        """A declared length over maxBodySize is a 413 from the head, and the connection closes without reading the body."""
+        lb = self.web()
+        lb.root.putChild(b"small", BalancerResource(lb.balancer.handler, lb.reactor, maxBodySize=4))
+        client = lb.client()
+        client.send(b"POST /small/ HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\n")
+        self.assertEqual(headOf(client.received())[0], b"HTTP/1.1 413 Content Too Large")
+        self.assertTrue(client.closed)
+        self.assertEqual(lb.reactor.tcpClients, [])
+
+    def test_chunked_body_too_large_stops_upstream(self) -> None:
+        """A chunked upload growing past maxBodySize is a 413, its backend request is cancelled, and the connection closes."""
+        lb = self.web()
+        lb.root.putChild(b"small", BalancerResource(lb.balancer.handler, lb.reactor, maxBodySize=4))
+        client = lb.client()
+        client.send(b"POST /small/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        backend = lb.acceptConnect()
+        client.send(b"3\r\ndef\r\n")
+        self.assertEqual(headOf(client.received())[0], b"HTTP/1.1 413 Content Too Large")
+        self.assertTrue(client.closed)
+        self.assertTrue(backend.transport.aborted)
+        lb.flush()
+        self.assertIdle()
+
     def test_other_resources_looked_up_once(self) -> None:
         """Requests for other resources are ordinary ones (the whole body read before render), and their resource is looked up once."""
         lb = self.web()

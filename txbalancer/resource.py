@@ -93,7 +93,13 @@ class ResourceDownstream:
     @ivar exchange: the L{txbalancer.interfaces.IExchange} it answers for.
     """
 
-    def __init__(self, request: Any, reactor: Any, streaming: bool = False) -> None:
+    def __init__(
+        self,
+        request: Any,
+        reactor: Any,
+        streaming: bool = False,
+        maxBodySize: Optional[int] = None,
+    ) -> None:
         self.request = request
         self.exchange: Any = None
         self._reactor = reactor
@@ -103,6 +109,9 @@ class ResourceDownstream:
         self._streaming = streaming
         self._bodyArrived = not streaming
         self._finishWhenArrived = False
+        self._closeEarly = False
+        self._maxBodySize = maxBodySize
+        self._bodySeen = 0
         self._spooled: Any = None
         self._pumpCall: Any = None
 
@@ -157,6 +166,12 @@ class ResourceDownstream:
         """
         if self._state == _DONE:
             return
+        if self._maxBodySize is not None:
+            self._bodySeen += len(data)
+            if self._bodySeen > self._maxBodySize:
+                self.exchange.clientGone()
+                self.refuse(413, "request body too large")
+                return
         if self._pauses:
             # The channel resumed the transport on its own (its producer
             # logic knows nothing of ours): hold it back again.
@@ -270,6 +285,8 @@ class ResourceDownstream:
             return
         if self._bodyArrived:
             self.request.finish()
+        elif self._closeEarly:
+            self._transportOf().loseConnection()
         else:
             # twisted.web reads the next request only after the whole of
             # this one: the request is finished once its body is in.
@@ -320,6 +337,21 @@ class ResourceDownstream:
             [(b"Content-Type", b"text/plain; charset=utf-8")] + (headers or []),
             body,
         )
+
+    def refuse(self, status: int, reason: str) -> None:
+        """
+        Answer a request that is not forwarded.  A streamed body still
+        arriving is not read: the connection closes after the answer, as
+        on the native listener.
+        """
+        log.info(
+            "refused request from {peer}: {status} {reason}",
+            peer=_peerOf(self.request),
+            status=status,
+            reason=reason,
+        )
+        self._closeEarly = True
+        self.sendError(status, REASONS.get(status, b"Error").decode() + ": " + reason)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         if self._state == _RESPONDING and not self._gone:
@@ -455,7 +487,9 @@ class BalancerResource(Resource):
 
         @param length: the body's length, or L{None} when chunked.
         """
-        downstream = ResourceDownstream(request, self.reactor, streaming=True)
+        downstream = ResourceDownstream(
+            request, self.reactor, streaming=True, maxBodySize=self.maxBodySize
+        )
         head = self._head(request, downstream, length, chunked=length is None)
         if head is not None:
             exchange = self.handler(head, downstream)
@@ -488,16 +522,7 @@ class BalancerResource(Resource):
         ):
             refusal = (413, "request body too large")
         if refusal is not None:
-            status, reason = refusal
-            log.info(
-                "refused request from {peer}: {status} {reason}",
-                peer=_peerOf(request),
-                status=status,
-                reason=reason,
-            )
-            downstream.sendError(
-                status, REASONS.get(status, b"Error").decode() + ": " + reason
-            )
+            downstream.refuse(*refusal)
             return None
         head = Request()
         head.method = request.method
