@@ -558,6 +558,23 @@ class StreamingTests(ResourceTestCase):
         kw.setdefault("site", StreamingSite)
         return ResourceTestCase.web(self, **kw)
 
+    def test_exchange_driven_from_the_head(self) -> None:
+        """Through StreamingSite the exchange starts at the head, gets the body as it arrives, then its end; the head is an IRequestHead."""
+        handler = RecordingHandler()
+        root = Resource()
+        root.putChild(b"api", BalancerResource(handler, MemoryReactorClock()))
+        channel = StreamingSite(root).buildProtocol(None)
+        channel.makeConnection(FakeTransport())
+        channel.dataReceived(b"PUT /api/x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n")
+        (exchange,) = handler.exchanges
+        verifyObject(IRequestHead, exchange.request)
+        verifyObject(IDownstream, exchange.server)
+        self.assertEqual((exchange.request.contentLength, exchange.request.chunked), (3, False))
+        self.assertEqual(exchange.events, [("start",)])
+        channel.dataReceived(b"ab")
+        channel.dataReceived(b"c")
+        self.assertEqual(exchange.events, [("start",), ("body", b"ab"), ("body", b"c"), ("finished",)])
+
     def test_body_streams_before_it_is_complete(self) -> None:
         """With StreamingSite the backend gets the head and the first body bytes before the client has sent the rest."""
         lb = self.web(backends=("127.0.0.1:3001",))
