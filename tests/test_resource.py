@@ -699,6 +699,20 @@ class StreamingTests(ResourceTestCase):
         lb.flush()
         self.assertIdle()
 
+    def test_failing_lookup_answered_by_twisted(self) -> None:
+        """A resource whose lookup raises is answered 500 by twisted.web, as with a plain Site, and logged once."""
+        lb = self.web()
+
+        class Broken(Resource):
+            def getChild(self, name, request):
+                raise RuntimeError("broken getChild")
+
+        lb.root.putChild(b"broken", Broken())
+        client = lb.client()
+        client.send(b"GET /broken/x HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(headOf(client.received())[0], b"HTTP/1.1 500 Internal Server Error")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_other_resources_looked_up_once(self) -> None:
         """Requests for other resources are ordinary ones (the whole body read before render), and their resource is looked up once."""
         lb = self.web()

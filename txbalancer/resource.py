@@ -617,9 +617,9 @@ class StreamingRequest(server.Request):
         self.postpath = [unquote_to_bytes(s) for s in path[1:].split(b"/")]
         try:
             resrc = server.Site.getResourceFor(site, self)
-        except BaseException:
-            # Let twisted.web look it up again, and answer the error.
-            log.failure("looking up the resource of {uri!r}", uri=uri)
+        except Exception:
+            # twisted.web looks it up again once the body is in, and
+            # answers (and logs) the error then, as it always does.
             return None
         self._lookedUp = (resrc, self.prepath, self.postpath, self.sitepath)
         return resrc
