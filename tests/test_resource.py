@@ -362,6 +362,38 @@ class ForwardingTests(ResourceTestCase):
         self.assertEqual(lb.reactor.tcpClients, [])
 
 
+class DrainTests(ResourceTestCase):
+    def test_drain_waits_for_requests_in_flight(self) -> None:
+        """drain() fires once the requests in flight through the resource are answered."""
+        lb = self.web()
+        resource = BalancerResource(lb.balancer.handler, lb.reactor)
+        lb.root.putChild(b"d", resource)
+        self.successResultOf(resource.drain(10))
+        client = lb.client()
+        client.send(b"GET /d/ HTTP/1.1\r\nHost: h\r\n\r\n")
+        drained = resource.drain(10)
+        self.assertNoResult(drained)
+        lb.acceptConnect().respond(OK)
+        self.successResultOf(drained)
+        self.assertEqual(resource.inFlight, set())
+
+    def test_drain_timeout_aborts(self) -> None:
+        """Requests still in flight when the drain times out are aborted, and their backend requests cancelled."""
+        lb = self.web()
+        resource = BalancerResource(lb.balancer.handler, lb.reactor)
+        lb.root.putChild(b"d", resource)
+        client = lb.client()
+        client.send(b"GET /d/ HTTP/1.1\r\nHost: h\r\n\r\n")
+        backend = lb.acceptConnect()
+        drained = resource.drain(5)
+        lb.reactor.advance(5)
+        self.successResultOf(drained)
+        self.assertTrue(client.transport.aborted)
+        lb.flush()
+        self.assertTrue(backend.transport.aborted)
+        self.assertIdle()
+
+
 class RequestBodyTests(ResourceTestCase):
     def test_small_body(self) -> None:
         """A small body reaches the backend with its Content-Length."""

@@ -31,10 +31,10 @@ Twisted release drops them, it falls back to spooling.
 from __future__ import annotations
 
 import io
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import quote, unquote_to_bytes
 
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.http import parse_qs
@@ -91,6 +91,7 @@ class ResourceDownstream:
     transport paused while the exchange holds it back.
 
     @ivar exchange: the L{txbalancer.interfaces.IExchange} it answers for.
+    @param whenDone: called with it once it is done.
     """
 
     def __init__(
@@ -99,8 +100,10 @@ class ResourceDownstream:
         reactor: Any,
         streaming: bool = False,
         maxBodySize: Optional[int] = None,
+        whenDone: Optional[Callable[[ResourceDownstream], None]] = None,
     ) -> None:
         self.request = request
+        self._whenDone = whenDone
         self.exchange: Any = None
         self._reactor = reactor
         self._state = _WAITING
@@ -114,6 +117,12 @@ class ResourceDownstream:
         self._bodySeen = 0
         self._spooled: Any = None
         self._pumpCall: Any = None
+
+    def _done(self) -> None:
+        if self._state != _DONE:
+            self._state = _DONE
+            if self._whenDone is not None:
+                self._whenDone(self)
 
     @property
     def answered(self) -> bool:
@@ -135,7 +144,7 @@ class ResourceDownstream:
         if not reason.check(*_CONNECTION_ENDED):
             log.failure("client connection ended unexpectedly", reason)
         self._gone = True
-        self._state = _DONE
+        self._done()
         self._stopBody()
         self.exchange.clientGone()
 
@@ -279,7 +288,7 @@ class ResourceDownstream:
     def finishResponse(self) -> None:
         if self._state != _RESPONDING:
             return
-        self._state = _DONE
+        self._done()
         self._stopBody()
         if self._gone:
             return
@@ -299,7 +308,7 @@ class ResourceDownstream:
         """
         if self._state == _DONE:
             return
-        self._state = _DONE
+        self._done()
         self._stopBody()
         if not self._gone:
             self._transportOf().abortConnection()
@@ -459,6 +468,44 @@ class BalancerResource(Resource):
         self.handler = handler
         self.reactor = reactor
         self.maxBodySize = maxBodySize
+        self.inFlight: set[ResourceDownstream] = set()
+        self._drained: list[defer.Deferred[None]] = []
+
+    def _downstream(self, request: Any, **kw: Any) -> ResourceDownstream:
+        downstream = ResourceDownstream(
+            request, self.reactor, whenDone=self._ended, **kw
+        )
+        self.inFlight.add(downstream)
+        return downstream
+
+    def _ended(self, downstream: ResourceDownstream) -> None:
+        self.inFlight.discard(downstream)
+        if not self.inFlight and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def drain(self, timeout: float) -> defer.Deferred[None]:
+        """
+        Wait for the requests in flight through this resource to be
+        answered, and abort those still going after C{timeout} seconds.
+
+        @return: a Deferred that fires when none is left.
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        if not self.inFlight:
+            d.callback(None)
+            return d
+        self._drained.append(d)
+
+        def giveUp() -> None:
+            log.warn("drain timeout: aborting {n} requests", n=len(self.inFlight))
+            for downstream in list(self.inFlight):
+                downstream.abortResponse()
+
+        call = self.reactor.callLater(timeout, giveUp)
+        d.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+        return d
 
     def render(self, request: Any) -> Any:
         """
@@ -467,7 +514,7 @@ class BalancerResource(Resource):
         content = request.content
         content.seek(0, 2)
         length = content.tell()
-        downstream = ResourceDownstream(request, self.reactor)
+        downstream = self._downstream(request)
         head = self._head(request, downstream, length, chunked=False)
         if head is not None:
             exchange = self.handler(head, downstream)
@@ -487,8 +534,8 @@ class BalancerResource(Resource):
 
         @param length: the body's length, or L{None} when chunked.
         """
-        downstream = ResourceDownstream(
-            request, self.reactor, streaming=True, maxBodySize=self.maxBodySize
+        downstream = self._downstream(
+            request, streaming=True, maxBodySize=self.maxBodySize
         )
         head = self._head(request, downstream, length, chunked=length is None)
         if head is not None:
