@@ -377,6 +377,22 @@ class DrainTests(ResourceTestCase):
         self.successResultOf(drained)
         self.assertEqual(resource.inFlight, set())
 
+    def test_balancer_stop_can_wait_for_it(self) -> None:
+        """Listed among the balancer's factories, the resource holds the balancer's graceful stop until its requests are answered."""
+        lb = self.web()
+        resource = lb.balancer.resource()
+        lb.balancer.factories.append(resource)
+        lb.root.putChild(b"d", resource)
+        client = lb.client()
+        client.send(b"GET /d/ HTTP/1.1\r\nHost: h\r\n\r\n")
+        backend = lb.acceptConnect()
+        stopped = lb.balancer.stopService()
+        self.assertNoResult(stopped)
+        backend.respond(OK)
+        lb.flush()
+        self.successResultOf(stopped)
+        self.assertEqual(bodyOf(client.received()), b"ok")
+
     def test_drain_timeout_aborts(self) -> None:
         """Requests still in flight when the drain times out are aborted, and their backend requests cancelled."""
         lb = self.web()
