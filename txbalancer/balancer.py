@@ -383,7 +383,12 @@ class Balancer(MultiService):
         """
         from txbalancer.resource import BalancerResource
 
-        return BalancerResource(self.handler, self.reactor)
+        resource = BalancerResource(
+            self.handler, self.reactor, maxBodySize=self.config.maxBodySize
+        )
+        # A graceful stop waits for its requests in flight, too.
+        self.factories.append(resource)
+        return resource
 
     # -- listeners
 
