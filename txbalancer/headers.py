@@ -9,8 +9,9 @@ case the peer sent them; repeated headers stay separate entries.
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Iterable, Sequence
+
+from txbalancer.framing import TOKEN
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and their unofficial siblings.
 # They describe one connection, never the next one, so they are removed in
@@ -98,11 +99,8 @@ def formatForwardedFor(address: str) -> bytes:
     return b"for=" + address.encode("ascii")
 
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-
-
 def _quoteIfNeeded(value: bytes) -> bytes:
-    if _TOKEN.match(value):
+    if TOKEN.match(value):
         return value
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 

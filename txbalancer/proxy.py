@@ -19,6 +19,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from txbalancer.backend import Backend
+from txbalancer.framing import CRLF
 from txbalancer.headers import (
     SET_BY_BALANCER,
     clientAddress,
@@ -29,8 +30,6 @@ from txbalancer.headers import (
 from txbalancer.upstream import UpstreamConnection
 
 log = Logger()
-
-CRLF = b"\r\n"
 
 # Methods that may be sent twice with the effect of once (RFC 9110 9.2.2).
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
