@@ -117,6 +117,12 @@ class MalformedRequestTests(ServerMixin, SynchronousTestCase):
         self.assertRefused(b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", 505)
         self.assertEqual(self.handler.exchanges, [])
 
+    def test_malformed_version_400(self) -> None:
+        """HTTP/1.x is answered 400 (malformed), not 505, and never handled."""
+        out = self.assertRefused(b"GET / HTTP/1.x\r\nHost: h\r\n\r\n", 400)
+        self.assertIn(b"malformed HTTP version", out)
+        self.assertEqual(self.handler.exchanges, [])
+
     def test_missing_host(self) -> None:
         """An HTTP/1.1 request without Host is 400, never handled."""
         self.assertRefused(b"GET / HTTP/1.1\r\nX: y\r\n\r\n", 400)

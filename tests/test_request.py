@@ -57,6 +57,19 @@ class ParseHeadTests(SynchronousTestCase):
         self.assertEqual(self.refused(b"GET / HTTP/2.0\r\nHost: h").status, 505)
         self.assertEqual(self.refused(b"GET / HTTP/3.0\r\nHost: h").status, 505)
 
+    def test_malformed_version_is_400(self) -> None:
+        """A version that is not HTTP/digit.digit (HTTP/1.x, HTTP/1.10, HTTP/a.b) is 400, not 505."""
+        for version in (b"HTTP/1.x", b"HTTP/x.1", b"HTTP/1.10", b"HTTP/11.1", b"HTTP/1,1",
+                        b"HTTP/1.", b"HTTP/.1", b"HTTP/2", b"HTTPS/1.1", b"HTTP/\xb9.1"):
+            e = self.refused(b"GET / " + version + b"\r\nHost: h")
+            self.assertEqual(e.status, 400, version)
+            self.assertEqual(e.reason, "malformed HTTP version")
+
+    def test_unspoken_well_formed_versions_are_505(self) -> None:
+        """Well-formed versions other than 1.0 and 1.1 (0.9, 1.2, 2.0, 3.0, 9.9) are 505."""
+        for version in (b"HTTP/0.9", b"HTTP/1.2", b"HTTP/2.0", b"HTTP/3.0", b"HTTP/9.9"):
+            self.assertEqual(self.refused(b"GET / " + version + b"\r\nHost: h").status, 505)
+
     def test_missing_host_11(self) -> None:
         """HTTP/1.1 without Host is 400; HTTP/1.0 without Host is fine."""
         self.assertEqual(self.refused(b"GET / HTTP/1.1\r\nX: y").status, 400)

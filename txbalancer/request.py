@@ -25,6 +25,8 @@ from txbalancer.headers import connectionTokens
 
 # A request target: no CTL, no space.
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+# HTTP-version (RFC 9112 2.3): case-sensitive, one digit, a dot, one digit.
+_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]\Z")
 
 
 class BadRequest(FramingError):
@@ -101,7 +103,9 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
     if not target or _BAD_TARGET.search(target):
         raise BadRequest(400, "malformed request target")
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-        if version[:5] == b"HTTP/" and len(version) == 8 and version[6:7] == b".":
+        # A well-formed version we do not speak (HTTP/2.0, HTTP/3.0) is
+        # 505; anything else (HTTP/1.x, HTTP/1.10) is not a version at all.
+        if _VERSION.match(version):
             raise BadRequest(505, "unsupported HTTP version")
         raise BadRequest(400, "malformed HTTP version")
     request = Request()
