@@ -140,6 +140,20 @@ class ParseHeadTests(SynchronousTestCase):
         for line in (b"X A: b", b": b", b"X-A : b", b"no colon here"):
             self.assertEqual(self.refused(b"GET / HTTP/1.1\r\nHost: h\r\n" + line).status, 400)
 
+    def test_header_line_without_colon(self) -> None:
+        """A line without a colon (X-No-Colon, a bare Host) is 400 as such, never an empty field."""
+        for line in (b"X-No-Colon", b"Host", b"host"):
+            e = self.refused(b"GET / HTTP/1.1\r\nHost: h\r\n" + line)
+            self.assertEqual((e.status, e.reason), (400, "header line without a colon"), line)
+        e = self.refused(b"GET / HTTP/1.0\r\nHost")
+        self.assertEqual(e.status, 400)
+
+    def test_connect_any_form_501(self) -> None:
+        """CONNECT is 501 whatever its target's form (origin, authority, absolute, *)."""
+        for target in (b"/x", b"h:443", b"http://h/", b"*"):
+            e = self.refused(b"CONNECT " + target + b" HTTP/1.1\r\nHost: h")
+            self.assertEqual(e.status, 501, target)
+
     def test_too_many_headers(self) -> None:
         """More header lines than maxHeaders is 431."""
         head = b"GET / HTTP/1.1\r\nHost: h" + b"\r\nX: y" * 100

@@ -158,6 +158,10 @@ class ProxyExchange:
         self._activeBackend: Optional[Backend] = None
         self._queued = False
         self._sentAt = 0.0
+        # Backends that closed a fresh connection on this request, complete,
+        # without a byte of answer: the request's fault or theirs, decided
+        # by whether another backend answers it (see _judgeLoss).
+        self._suspects: list[Backend] = []
         self.clientKey: Optional[str] = None
         self.cookieValue: Optional[str] = None
 
@@ -311,8 +315,7 @@ class ProxyExchange:
         self._releaseBackend()
         if self.finished or failure.check(CancelledError):
             return
-        backend.failures += 1
-        self.forwarder.pool.attemptFinished(backend, False)
+        self._strike(backend)
         self.errors.append(f"{backend.address} {_describe(failure.value)}")
         log.info(
             "connect to backend {backend} failed: {reason}",
@@ -430,7 +433,16 @@ class ProxyExchange:
         forwarder = self.forwarder
         backend = self.backend
         pool = forwarder.pool
-        pool.attemptFinished(backend, status < 500)
+        fault = backendFault(status)
+        pool.attemptFinished(backend, not fault)
+        if fault:
+            backend.failures += 1
+        elif self._suspects:
+            # Another backend answered the request the suspects closed on:
+            # it was a good request, so closing on it was their fault.
+            suspects, self._suspects = self._suspects, []
+            for suspect in suspects:
+                self._strike(suspect)
         pool.observe(backend, forwarder.reactor.seconds() - self._sentAt)
         headers = endToEnd(headers)
         if forwarder.hsts is not None and self.request.secure:
@@ -467,11 +479,11 @@ class ProxyExchange:
         if self.finished:
             return
         why = _describe(getattr(reason, "value", reason))
-        if backend is not None:
-            backend.failures += 1
-            if not self.responded:
-                self.forwarder.pool.attemptFinished(backend, False)
         if self.responded:
+            # The head was counted a success; the body breaking off is
+            # the backend's doing all the same.
+            if backend is not None:
+                backend.failures += 1
             log.warn(
                 "backend {backend} broke off the response: {reason}",
                 backend=backend.address if backend else "?",
@@ -480,6 +492,8 @@ class ProxyExchange:
             self._finish()
             self.server.abortResponse()
             return
+        if backend is not None:
+            self._judgeLoss(backend, conn, responseStarted)
         retryable = (
             not responseStarted
             and self.request.method in IDEMPOTENT
@@ -500,6 +514,51 @@ class ProxyExchange:
                 self._attempt(None)
             return
         self._fail(502, f"backend {backend.address if backend else '?'} failed: {why}")
+
+    def _judgeLoss(
+        self,
+        backend: Backend,
+        conn: Optional[UpstreamConnection],
+        responseStarted: bool,
+    ) -> None:
+        """
+        C{backend} lost the connection before a response head: count it
+        against the backend only when the backend is to blame.  A client's
+        failure never counts against a backend, or a client could eject
+        healthy backends at will by sending requests they close on.
+
+        - Part of a response arrived (a malformed or cut-off head): the
+          backend's fault.
+        - The client had not finished sending its body: the backend most
+          likely refused the request (too large, malformed body): not the
+          backend's fault.
+        - A kept-alive connection: most likely a keep-alive race; the
+          retry on a fresh connection decides.
+        - A complete request on a fresh connection: ambiguous.  The
+          backend is a suspect, struck only if another backend then
+          answers the same request; if every backend closes on it, the
+          request is what they refused.
+        """
+        if responseStarted:
+            self._strike(backend)
+        elif not self.bodyDone:
+            log.info(
+                "backend {backend} closed the connection while the client was "
+                "still sending its request body: not counted as a backend failure",
+                backend=backend.address,
+            )
+        elif conn is not None and conn.reused:
+            pass
+        else:
+            self._suspects.append(backend)
+
+    def _strike(self, backend: Backend) -> None:
+        """
+        One failed attempt on C{backend}, the backend's fault: counted, and
+        fed to passive outlier detection.
+        """
+        backend.failures += 1
+        self.forwarder.pool.attemptFinished(backend, False)
 
     # -- IPushProducer, for the client's transport
 
@@ -525,8 +584,7 @@ class ProxyExchange:
         self._stopBodyProducer()
         self._releaseBackend()
         if backend is not None:
-            backend.failures += 1
-            self.forwarder.pool.attemptFinished(backend, False)
+            self._strike(backend)
             self.forwarder.pool.observe(backend, self.forwarder.backendTimeout)
         self._fail(
             504,
@@ -558,6 +616,17 @@ class ProxyExchange:
         self.finished = True
         self._cancelTimeout()
         self._releaseBackend()
+        if self._suspects:
+            log.info(
+                "{method} {target} from {peer}: {backends} closed the connection "
+                "without an answer and no other backend answered it either: "
+                "taken as a request they refuse, not counted against them",
+                method=self.request.method.decode("latin-1"),
+                target=self.request.target.decode("latin-1"),
+                peer=self.request.peer,
+                backends=", ".join(b.address for b in self._suspects),
+            )
+            self._suspects = []
         if self.started:
             self.forwarder.inFlight -= 1
         accessLog = self.forwarder.accessLog
@@ -600,6 +669,16 @@ class ProxyExchange:
         log.failure("unexpected error while forwarding", failure)
         if not self.finished:
             self._fail(502, "internal error while forwarding")
+
+
+def backendFault(status: int) -> bool:
+    """
+    Whether a response with C{status} counts against the backend that sent
+    it.  4xx answers a bad request, and 501 (an unknown method) and 505 (a
+    version) say the same of the request: a client can provoke those at
+    will, so they never count.  Every other 5xx does.
+    """
+    return status >= 500 and status not in (501, 505)
 
 
 def _cookieValue(headers: Any, name: bytes) -> Optional[str]:

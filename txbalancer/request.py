@@ -102,6 +102,10 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
         raise BadRequest(400, "malformed method")
     if not target or _BAD_TARGET.search(target):
         raise BadRequest(400, "malformed request target")
+    if method == b"CONNECT":
+        # A tunnel, whatever the form of its target: a backend behind a
+        # reverse proxy has no use for one (Node closes the connection).
+        raise BadRequest(501, "CONNECT is not supported")
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         # A well-formed version we do not speak (HTTP/2.0, HTTP/3.0) is
         # 505; anything else (HTTP/1.x, HTTP/1.10) is not a version at all.
@@ -124,7 +128,9 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
     teTrailers = False
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not TOKEN.match(name):
+        if not colon or not TOKEN.match(name):
+            # A line without a colon ("X-No-Colon", a bare "Host") is not
+            # a field with an empty value: it is not a field at all.
             if line[:1] in (b" ", b"\t"):
                 raise BadRequest(400, "obsolete line folding in headers")
             if not colon:
@@ -189,8 +195,6 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
             headers.insert(0, (b"Host", authority))
         elif target == b"*" and method == b"OPTIONS":
             pass
-        elif method == b"CONNECT":
-            raise BadRequest(501, "CONNECT is not supported")
         else:
             raise BadRequest(400, "malformed request target")
     request.target = target
