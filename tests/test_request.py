@@ -212,3 +212,49 @@ class ModuleTests(SynchronousTestCase):
 
         for name in ("Request", "parseHead", "BadRequest"):
             self.assertIs(getattr(downstream, name), getattr(request, name))
+
+
+class StrictnessTests(SynchronousTestCase):
+    def refused(self, head: bytes) -> BadRequest:
+        try:
+            parseHead(head)
+        except BadRequest as e:
+            return e
+        self.fail(f"{head!r} was accepted")
+
+    def test_underscore_shadows_refused(self) -> None:
+        """Framing and X-Forwarded-* names spelled with '_' are 400; other '_' names pass."""
+        for name in (b"Transfer_Encoding", b"content_length", b"X_Forwarded_For",
+                     b"X_FORWARDED_PROTO", b"x_forwarded_host", b"X_Client_Cert_Subject"):
+            e = self.refused(b"GET / HTTP/1.1\r\nHost: h\r\n" + name + b": 1")
+            self.assertEqual(e.status, 400, name)
+        r = parseHead(b"GET / HTTP/1.1\r\nHost: h\r\nX_Custom: 1")
+        self.assertEqual(r.headers[-1], (b"X_Custom", b"1"))
+
+    def test_host_and_authority_syntax(self) -> None:
+        """Host and an absolute-form authority must be uri-host[:port]; userinfo, paths, spaces are 400."""
+        for host in (b"a b", b"user@h", b"h/x", b"h:8a", b"%zz", b"[::1"):
+            self.assertEqual(self.refused(b"GET / HTTP/1.1\r\nHost: " + host).status, 400, host)
+            if b"/" not in host:
+                self.assertEqual(
+                    self.refused(b"GET http://" + host + b"/ HTTP/1.1\r\nHost: h").status,
+                    400,
+                    host,
+                )
+        for host in (b"h", b"h:80", b"[::1]:8080", b"1.2.3.4", b"xn--bcher-kva.example", b"a%41", b""):
+            self.assertEqual(parseHead(b"GET / HTTP/1.1\r\nHost: " + host).host, host)
+
+    def test_8bit_target_refused(self) -> None:
+        """Bytes 0x80-0xff in the request target are 400."""
+        for target in (b"/caf\xc3\xa9", b"/?q=\xff", b"/\x80"):
+            self.assertEqual(self.refused(b"GET " + target + b" HTTP/1.1\r\nHost: h").status, 400)
+
+    def test_transfer_coding_repeats(self) -> None:
+        """chunked twice (in one header or two) is 400; an unknown coding before chunked is 501."""
+        base = b"POST / HTTP/1.1\r\nHost: h\r\n"
+        self.assertEqual(self.refused(base + b"Transfer-Encoding: chunked, chunked").status, 400)
+        self.assertEqual(
+            self.refused(base + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked").status, 400
+        )
+        self.assertEqual(self.refused(base + b"Transfer-Encoding: ,chunked").status, 400)
+        self.assertEqual(self.refused(base + b"Transfer-Encoding: br, chunked").status, 501)

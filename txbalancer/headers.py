@@ -27,6 +27,9 @@ HOP_BY_HOP = frozenset(
         b"trailer",
         b"proxy-authenticate",
         b"proxy-authorization",
+        # RFC 7540 3.2.1: the h2c upgrade's settings, for one connection
+        # only (a client may send it without naming it in Connection).
+        b"http2-settings",
     ]
 )
 

@@ -21,10 +21,27 @@ from txbalancer.framing import (
     FramingError,
     parseContentLength,
 )
-from txbalancer.headers import connectionTokens
+from txbalancer.headers import SET_BY_BALANCER, connectionTokens
 
-# A request target: no CTL, no space.
-_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+# A request target: visible ASCII only.  No CTL, no space, no 8-bit byte
+# (a URI is ASCII; backends decode raw 8-bit bytes differently).  The rest
+# goes upstream byte for byte.
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f-\xff]")
+# RFC 9110 7.2 / RFC 3986 3.2: uri-host [ ":" port ], without userinfo.
+# Used for Host and for the authority of an absolute-form target.
+AUTHORITY = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
+    rb"(?::[0-9]*)?\Z"
+)
+# Field names a server behind the balancer may read with "_" as "-" (CGI,
+# WSGI, PHP and others map both X-Forwarded-For and X_Forwarded_For to
+# HTTP_X_FORWARDED_FOR): a client sending Content_Length or
+# X_Forwarded_For would frame the body, or pick its address, past the
+# balancer.  Such names are refused (400), not forwarded.
+_UNDERSCORE_SHADOWS = frozenset(
+    [b"content_length", b"transfer_encoding"]
+    + [name.replace(b"-", b"_") for name in SET_BY_BALANCER if b"-" in name]
+)
 # HTTP-version (RFC 9112 2.3): case-sensitive, one digit, a dot, one digit.
 _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]\Z")
 
@@ -140,6 +157,8 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
         if BAD_VALUE.search(value):
             raise BadRequest(400, "invalid character in header value")
         lname = name.lower()
+        if b"_" in lname and lname in _UNDERSCORE_SHADOWS:
+            raise BadRequest(400, "'_' in place of '-' in a header the balancer owns")
         if lname == b"content-length":
             contentLengths.append(value)
         elif lname == b"transfer-encoding":
@@ -165,7 +184,9 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
             c.strip().lower() for te in transferEncodings for c in te.split(b",")
         ]
         if codings != [b"chunked"]:
-            if codings and codings[-1] == b"chunked":
+            if codings.count(b"chunked") > 1:
+                raise BadRequest(400, "chunked applied more than once")
+            if codings[-1] == b"chunked" and all(TOKEN.match(c) for c in codings):
                 raise BadRequest(501, "unsupported transfer coding")
             raise BadRequest(400, "request body framing is not chunked")
         request.chunked = True
@@ -178,6 +199,8 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
     if len(hosts) > 1:
         raise BadRequest(400, "more than one Host header")
     if hosts:
+        if not AUTHORITY.match(hosts[0]):
+            raise BadRequest(400, "malformed Host header")
         request.host = hosts[0]
     elif version == b"HTTP/1.1":
         raise BadRequest(400, "missing Host header")
@@ -187,7 +210,7 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
             # absolute-form: the authority in the target wins over Host.
             rest = target.split(b"://", 1)[1]
             authority, slash, path = rest.partition(b"/")
-            if not authority or b"@" in authority:
+            if not authority or not AUTHORITY.match(authority):
                 raise BadRequest(400, "malformed absolute request target")
             target = b"/" + path
             request.host = authority
