@@ -262,6 +262,7 @@ class Message:
     body: bytes
 
     def values(self, name: bytes) -> list[bytes]:
+        """Every value of header C{name} (lower case), in order."""
         return [v for n, v in self.headers if n.lower() == name]
 
 
@@ -310,7 +311,7 @@ def strictParse(data: bytes) -> tuple[list[Message], bytes]:
                 raise Malformed(f"hop-by-hop header {line!r}")
             if lname.replace(b"_", b"-") in (b"content-length", b"transfer-encoding") and b"_" in lname:
                 raise Malformed(f"underscore framing header {line!r}")
-            headers.append((lname, value))
+            headers.append((name, value))
         message = Message(method, target, headers, b"")
         if len(message.values(b"host")) != 1:
             raise Malformed("not exactly one Host")
