@@ -154,6 +154,7 @@ class ProxyExchange:
         self._head: Optional[bytes] = None
         self._bodyProducer: Optional[_RequestBodyProducer] = None
         self._producing = False
+        self._clientPaused = False
         self._retriedFresh = False
         self._activeBackend: Optional[Backend] = None
         self._queued = False
@@ -426,7 +427,7 @@ class ProxyExchange:
         headers: list[tuple[bytes, bytes]],
         length: Optional[int],
     ) -> None:
-        self._cancelTimeout()
+        self._armIdleTimeout()
         self.responded = True
         self.replay = None
         self.status = status
@@ -460,6 +461,9 @@ class ProxyExchange:
 
     def responseData(self, data: bytes) -> None:
         self.sentBytes += len(data)
+        call = self._timeoutCall
+        if call is not None:
+            call.reset(self.forwarder.backendTimeout)
         self.server.writeBody(data)
 
     def responseFinished(self) -> None:
@@ -563,11 +567,16 @@ class ProxyExchange:
     # -- IPushProducer, for the client's transport
 
     def pauseProducing(self) -> None:
+        self._clientPaused = True
         if self.conn is not None:
             self.conn.pauseReading()
 
     def resumeProducing(self) -> None:
+        self._clientPaused = False
         if self.conn is not None:
+            call = self._timeoutCall
+            if call is not None:
+                call.reset(self.forwarder.backendTimeout)
             self.conn.resumeReading()
 
     def stopProducing(self) -> None:
@@ -575,8 +584,29 @@ class ProxyExchange:
 
     # -- endings
 
+    def _armIdleTimeout(self) -> None:
+        """
+        The response head is in: from now on the backend may go no longer
+        than C{backendTimeout} without sending the next piece of the body
+        (like nginx's C{proxy_read_timeout}).  The timer of the wait for
+        the head, if any, is reused.
+        """
+        timeout = self.forwarder.backendTimeout
+        call = self._timeoutCall
+        if not timeout:
+            self._cancelTimeout()
+        elif call is not None and call.active():
+            call.reset(timeout)
+        else:
+            self._timeoutCall = self.forwarder.reactor.callLater(
+                timeout, self._timedOut
+            )
+
     def _timedOut(self) -> None:
         self._timeoutCall = None
+        if self.responded:
+            self._bodyTimedOut()
+            return
         backend = self.backend
         conn, self.conn = self.conn, None
         if conn is not None:
@@ -591,6 +621,38 @@ class ProxyExchange:
             f"backend {backend.address if backend else '?'} sent no response "
             f"within {self.forwarder.backendTimeout:g}s",
         )
+
+    def _bodyTimedOut(self) -> None:
+        """
+        The backend sent nothing for C{backendTimeout} in the middle of a
+        response: free the client and the backend connection.  A client
+        too slow to take the body is not the backend's fault: while the
+        client holds the backend paused, the wait starts over.
+        """
+        timeout = self.forwarder.backendTimeout
+        if self._clientPaused:
+            self._timeoutCall = self.forwarder.reactor.callLater(
+                timeout, self._timedOut
+            )
+            return
+        backend = self.backend
+        conn, self.conn = self.conn, None
+        self._stopProducing()
+        if conn is not None:
+            conn.abort()
+        self._releaseBackend()
+        if backend is not None:
+            self._strike(backend)
+        log.warn(
+            "backend {backend} sent no response data for {timeout}s in the middle "
+            "of a response to {method} {target}: both connections aborted",
+            backend=backend.address if backend else "?",
+            timeout=timeout,
+            method=self.request.method.decode("latin-1"),
+            target=self.request.target.decode("latin-1"),
+        )
+        self._finish()
+        self.server.abortResponse()
 
     def _fail(self, status: int, message: str, retryAfter: bool = False) -> None:
         if self.finished:
