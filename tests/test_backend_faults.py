@@ -14,6 +14,7 @@ from txbalancer.testing import InMemoryBalancer
 
 GET = b"GET /f HTTP/1.1\r\nHost: example.com\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+OK_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 
 class BackendFaultTests(SynchronousTestCase):
@@ -163,3 +164,45 @@ class BackendFaultTests(SynchronousTestCase):
         self.lb.reactor.advance(2)
         self.assertTrue(client.transport.aborted)
         self.assertIdle()
+
+
+class FrozenBackendTests(SynchronousTestCase):
+    def tearDown(self) -> None:
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_timeouts_eject_and_requests_go_elsewhere(self) -> None:
+        """Five timeouts on a frozen backend eject it (--eject-after 5); each GET is answered by the other backend."""
+        from txbalancer.health import OutlierDetector
+
+        lb = InMemoryBalancer(("127.0.0.1:3001", "127.0.0.1:3002"), backendTimeout=10)
+        ejected = []
+
+        def onEject(backend, seconds, reason):
+            ejected.append((backend.address, reason))
+            lb.pool.setHealth(backend, "down", reason)
+
+        lb.pool.outliers = OutlierDetector(
+            onEject, lambda b: lb.pool.setHealth(b, "up"), lb.reactor, ejectAfter=5
+        )
+        frozen = []
+        clients = []
+        for i in range(10):
+            client = lb.client(port=40000 + i)
+            client.send(GET)
+            clients.append(client)
+            while lb.pendingConnects():
+                address = lb.pendingConnects()[0].address
+                conn = lb.acceptConnect()
+                if address == "127.0.0.1:3001":
+                    frozen.append(conn)  # accepts, never answers
+                else:
+                    conn.respond(OK_CLOSE)
+        lb.reactor.advance(10)
+        while lb.pendingConnects():
+            lb.acceptConnect().respond(OK_CLOSE)
+        self.assertEqual(len(frozen), 5)
+        self.assertEqual(ejected, [("127.0.0.1:3001", "5 consecutive failed requests")])
+        for client in clients:
+            self.assertTrue(client.received().startswith(b"HTTP/1.1 200 OK"), client.received())
+        lb.flush()
+        self.assertEqual(lb.forwarder.inFlight, 0)

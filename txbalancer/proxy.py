@@ -155,6 +155,7 @@ class ProxyExchange:
         self._bodyProducer: Optional[_RequestBodyProducer] = None
         self._producing = False
         self._clientPaused = False
+        self._timedOutOnce = False
         self._retriedFresh = False
         self._activeBackend: Optional[Backend] = None
         self._queued = False
@@ -252,6 +253,8 @@ class ProxyExchange:
                     self._wait()
                 elif not self.tried:
                     self._fail(503, "no backend available")
+                elif self._timedOutOnce:
+                    self._fail(504, "no backend answered in time: " + "; ".join(self.errors))
                 else:
                     self._fail(
                         502, "no backend could be reached: " + "; ".join(self.errors)
@@ -616,10 +619,36 @@ class ProxyExchange:
         if backend is not None:
             self._strike(backend)
             self.forwarder.pool.observe(backend, self.forwarder.backendTimeout)
+        timeout = self.forwarder.backendTimeout
+        address = backend.address if backend else "?"
+        if (
+            not self._timedOutOnce
+            and self.request.method in IDEMPOTENT
+            and self.replay is not None
+        ):
+            # Like HAProxy's "retry-on response-timeout": the backend may be
+            # frozen.  The request may have reached it and been acted on,
+            # so this is done only for idempotent methods, whose body (if
+            # any) is still held for replay, and only once per request.
+            self._timedOutOnce = True
+            log.info(
+                "backend {backend} sent no response to {method} {target} within "
+                "{timeout}s: idempotent, so trying another backend",
+                backend=address,
+                method=self.request.method.decode("latin-1"),
+                target=self.request.target.decode("latin-1"),
+                timeout=timeout,
+            )
+            self.errors.append(f"{address} sent no response within {timeout:g}s")
+            self.pending = self.replay + self.pending
+            self.pendingSize = sum(len(d) for d in self.pending)
+            self.replay = []
+            self.replaySize = 0
+            self._attempt(None)
+            return
         self._fail(
             504,
-            f"backend {backend.address if backend else '?'} sent no response "
-            f"within {self.forwarder.backendTimeout:g}s",
+            f"backend {address} sent no response within {timeout:g}s",
         )
 
     def _bodyTimedOut(self) -> None:
