@@ -254,7 +254,9 @@ class ProxyExchange:
                 elif not self.tried:
                     self._fail(503, "no backend available")
                 elif self._timedOutOnce:
-                    self._fail(504, "no backend answered in time: " + "; ".join(self.errors))
+                    self._fail(
+                        504, "no backend answered in time: " + "; ".join(self.errors)
+                    )
                 else:
                     self._fail(
                         502, "no backend could be reached: " + "; ".join(self.errors)
