@@ -712,7 +712,7 @@ class ProxyExchange:
         if self._suspects:
             log.info(
                 "{method} {target} from {peer}: {backends} closed the connection "
-                "without an answer and no other backend answered it either: "
+                "on it without an answer, and no other backend answered it well: "
                 "taken as a request they refuse, not counted against them",
                 method=self.request.method.decode("latin-1"),
                 target=self.request.target.decode("latin-1"),
