@@ -312,8 +312,11 @@ class BackendPool(Service):
 
     def attemptFinished(self, backend: Backend, ok: bool) -> None:
         """
-        An attempt on C{backend} ended: C{ok} is false for a failed connect,
-        a broken response or a 5xx status.  Feeds passive outlier detection.
+        An attempt on C{backend} ended: C{ok} is false when the backend is
+        to blame (a failed connect, a timeout, a broken response, a 5xx
+        status other than 501/505; see L{txbalancer.proxy.ProxyExchange}
+        for what a client can provoke and so never counts).  Feeds passive
+        outlier detection.
         """
         outliers = self.outliers
         if outliers is not None:
