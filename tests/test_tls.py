@@ -272,6 +272,14 @@ def test_parseEscapedColon():
     assert spec.cert == "C:/certs/a.pem"
 
 
+def test_parseEqualsInValue():
+    """A value keeps every "=" after its key's, and a backslash escapes one in a key."""
+    _, _, spec = parseTLSListener(r"8443:cert=a=b.pem:key=k.pem")
+    assert spec.cert == "a=b.pem"
+    with pytest.raises(TLSConfigError, match="unknown option.*x=y"):
+        parseTLSListener(r"8443:cert=c.pem:key=k.pem:x\=y=z")
+
+
 @pytest.mark.parametrize(
     "value, fragment",
     [
@@ -283,6 +291,8 @@ def test_parseEscapedColon():
         ("8443:cert=c.pem:key=k.pem:ciphers=ALL", "ciphers"),
         ("99999:cert=c.pem:key=k.pem", "not a port"),
         ("cert=c.pem:key=k.pem", "PORT"),
+        ("8443:cert=a.pem:cert=b.pem:key=k.pem", "--tls: 'cert' given twice"),
+        ("ssl:8443:privateKey=a.pem:privateKey=b.pem", "--port: 'privateKey' given twice"),
     ],
 )
 def test_parseErrors(value, fragment):
@@ -504,14 +514,6 @@ def test_sni(sniServer, name, expected):
     """SNI picks the certificate whose SAN covers the name, else the default."""
     client, _ = handshake(sniServer, serverName=name)
     assert servedNames(client)[0] == expected
-
-
-def test_matchName():
-    """Wildcards match exactly one label."""
-    assert tls.matchName("*.a.example", "b.a.example")
-    assert not tls.matchName("*.a.example", "a.example")
-    assert not tls.matchName("*.a.example", "c.b.a.example")
-    assert tls.matchName("a.example", "a.example")
 
 
 def test_certificateNamesFallsBackToCN(pki):
