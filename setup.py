@@ -9,7 +9,9 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(exclude=["tests*", "bench*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/txbalancer_plugin.py"]},
+    package_data={
+        "twisted": ["plugins/txbalancer_plugin.py", "plugins/txbalancer_endpoints.py"]
+    },
     install_requires=[
         "twisted>=23.10",
         "treq>=23.11",

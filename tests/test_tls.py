@@ -754,3 +754,82 @@ def test_endpointListensWithTLS(pki):
     assert (port, interface) == (8443, "127.0.0.1")
     assert isinstance(wrapped, TLSMemoryBIOFactory)
     assert wrapped.wrappedFactory is factory
+
+
+def _field(path: str) -> str:
+    """A file name escaped for an endpoint string."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def test_txbtlsEndpointString(pki):
+    """serverFromString("txbtls:...") listens on the port and interface with TLS
+    from the given files around the given factory."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    spec = pki.server("a", "a.example")
+    reactor = MemoryReactorClock()
+    endpoint = serverFromString(
+        reactor,
+        f"txbtls:8443:cert={_field(spec.cert)}:key={_field(spec.key)}"
+        r":interface=127.0.0.1:backlog=7",
+    )
+    factory = Factory.forProtocol(Protocol)
+    endpoint.listen(factory)
+    port, wrapped, backlog, interface = reactor.tcpServers[0]
+    assert (port, interface, backlog) == (8443, "127.0.0.1", 7)
+    assert isinstance(wrapped, TLSMemoryBIOFactory)
+    assert wrapped.wrappedFactory is factory
+    client, server = handshake(endpoint.serverTLS, alpn=[b"h2", b"http/1.1"])
+    assert servedNames(client) == ["a.example"]
+    assert server.get_alpn_proto_negotiated() == b"http/1.1"
+    assert server.get_protocol_version_name() == "TLSv1.3"
+
+
+def test_txbtlsEndpointStringOptions(pki):
+    """txbtls: takes a chain file, an IPv6 interface and the ALPN protocols to offer."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import MemoryReactorClock
+
+    spec = pki.server("a", "a.example")
+    chain = pki.write("chain.pem", _certPem(pki.caCert))
+    reactor = MemoryReactorClock()
+    endpoint = serverFromString(
+        reactor,
+        f"txbtls:0:cert={_field(spec.cert)}:key={_field(spec.key)}"
+        rf":chain={_field(chain)}:interface=\:\:1:alpn=h2,http/1.1",
+    )
+    endpoint.listen(Factory.forProtocol(Protocol))
+    port, _wrapped, backlog, interface = reactor.tcpServers[0]
+    assert (port, interface, backlog) == (0, "::1", 50)
+    _client, server = handshake(endpoint.serverTLS, alpn=[b"http/1.1", b"h2"])
+    assert server.get_alpn_proto_negotiated() == b"h2"
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ("8443:key={key}", "no cert=FILE"),
+        ("8443:cert={cert}", "no key=FILE"),
+        ("8443:cert={cert}:key={key}:ciphers=ALL", "unknown option(s) ciphers"),
+        ("8443:cert={cert}:key={key}:backlog=many", "backlog='many'"),
+        ("8443:cert={cert}:key={key}:alpn=h2,,x", "alpn="),
+        ("99999:cert={cert}:key={key}", "not a port number"),
+        ("cert={cert}:key={key}", "is not PORT:cert=FILE"),
+        ("8443:cert={cert}:key={cert}", "no PEM private key"),
+        ("8443:cert=/nonexistent.pem:key={key}", "/nonexistent.pem: cannot read"),
+    ],
+)
+def test_txbtlsEndpointStringErrors(pki, fields, fragment):
+    """A bad txbtls: string fails when parsed, with a message naming the field or file."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactorClock
+
+    spec = pki.server("a", "a.example")
+    value = "txbtls:" + fields.format(cert=_field(spec.cert), key=_field(spec.key))
+    with pytest.raises(TLSConfigError) as e:
+        serverFromString(MemoryReactorClock(), value)
+    assert fragment in str(e.value)

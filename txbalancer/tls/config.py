@@ -16,6 +16,7 @@ import datetime
 import glob
 import os
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -33,6 +34,7 @@ __all__ = [
     "loadCertificate",
     "parseTLSListener",
     "readClientCAs",
+    "tlsListenerFields",
 ]
 
 _PEM_BLOCK = re.compile(
@@ -80,7 +82,6 @@ class CertSpec:
 
 _TWISTED_SSL_KEYS = {"port", "interface", "privateKey", "certKey",
                      "extraCertChainFile", "backlog"}
-_SHORT_KEYS = {"cert", "key", "chain", "interface"}
 
 
 def _port(value: str, option: str) -> int:
@@ -157,27 +158,48 @@ def parseTLSListener(value: str) -> tuple[int, str, CertSpec]:
         cert = kwargs.get("certKey") or key
         chain = kwargs.get("extraCertChainFile") or None
     else:
-        unknown = set(kwargs) - _SHORT_KEYS
-        if unknown:
-            raise TLSConfigError(
-                f"{option}: {value!r}: unknown option(s) "
-                + ", ".join(sorted(unknown))
-                + " (accepted: cert, key, chain, interface)"
-            )
-        if len(args) != 1:
-            raise TLSConfigError(
-                f"{option}: {value!r} is not PORT:cert=FILE:key=FILE"
-                "[:chain=FILE][:interface=ADDRESS]"
-            )
-        port = args[0]
-        cert = kwargs.get("cert", "")
-        key = kwargs.get("key", "")
-        if not cert:
-            raise TLSConfigError(f"{option}: {value!r} has no cert=FILE")
-        if not key:
-            raise TLSConfigError(f"{option}: {value!r} has no key=FILE")
-        chain = kwargs.get("chain") or None
+        return tlsListenerFields(args, kwargs, option, repr(value))
     return _port(port, option), kwargs.get("interface", ""), CertSpec(cert, key, chain)
+
+
+def tlsListenerFields(
+    args: Sequence[str],
+    kwargs: Mapping[str, str],
+    option: str,
+    shown: str,
+    extra: Sequence[str] = (),
+) -> tuple[int, str, CertSpec]:
+    """
+    Check the fields of the C{PORT:cert=FILE:key=FILE[:chain=FILE]
+    [:interface=ADDRESS]} form, already split (by L{parseTLSListener} for
+    C{--tls}, by Twisted for the C{txbtls:} endpoint string).
+
+    @param option: what errors are about (C{"--tls"}, C{"txbtls"}).
+    @param shown: how errors show the whole value.
+    @param extra: keywords the caller accepts (and handles) beyond these.
+    @return: C{(port, interface, CertSpec)}; C{interface} is C{""} for all.
+    """
+    accepted = ["cert", "key", "chain", "interface", *extra]
+    unknown = set(kwargs) - set(accepted)
+    if unknown:
+        raise TLSConfigError(
+            f"{option}: {shown}: unknown option(s) "
+            + ", ".join(sorted(unknown))
+            + f" (accepted: {', '.join(accepted)})"
+        )
+    if len(args) != 1:
+        raise TLSConfigError(
+            f"{option}: {shown} is not PORT:cert=FILE:key=FILE"
+            "[:chain=FILE][:interface=ADDRESS]"
+        )
+    cert = kwargs.get("cert", "")
+    key = kwargs.get("key", "")
+    if not cert:
+        raise TLSConfigError(f"{option}: {shown} has no cert=FILE")
+    if not key:
+        raise TLSConfigError(f"{option}: {shown} has no key=FILE")
+    spec = CertSpec(cert, key, kwargs.get("chain") or None)
+    return _port(args[0], option), kwargs.get("interface", ""), spec
 
 
 
