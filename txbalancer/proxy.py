@@ -19,6 +19,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from txbalancer.backend import Backend
+from txbalancer.failures import describe as _describe
 from txbalancer.headers import (
     SET_BY_BALANCER,
     clientAddress,
@@ -624,21 +625,3 @@ def _setCookie(name: bytes, value: str, secure: bool) -> bytes:
     if secure:
         cookie += b"; Secure"
     return cookie
-
-
-def _describe(exc: Any) -> str:
-    """
-    A short, human description of a connection failure.
-    """
-    from twisted.internet import error
-
-    if isinstance(exc, error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, error.TimeoutError):
-        return "connect timed out"
-    if isinstance(exc, error.DNSLookupError):
-        return "DNS lookup failed"
-    if isinstance(exc, (error.ConnectionDone, error.ConnectionLost)):
-        return "connection closed before a complete response"
-    text = str(exc) or exc.__class__.__name__
-    return text.splitlines()[0][:200]

@@ -34,6 +34,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from txbalancer.backend import Backend
+from txbalancer.failures import BadResponse
 from txbalancer.framing import (
     BAD_VALUE,
     TOKEN,
@@ -47,12 +48,6 @@ log = Logger()
 
 CRLF = b"\r\n"
 MAX_HEAD = 64 * 1024
-
-
-class BadResponse(Exception):
-    """
-    The backend sent something that is not a well-formed HTTP/1.1 response.
-    """
 
 
 # Response parser states.

@@ -19,20 +19,16 @@ import random
 from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Protocol as _WireProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    PotentialDataLoss,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
+from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.http_headers import Headers
 
+from txbalancer.failures import describe
 from txbalancer.health.state import DOWN, DRAINING, UP, BackendHealth, addressOf
 
 __all__ = ["HealthChecker"]
@@ -71,32 +67,6 @@ def _discardBody(response: Any) -> Deferred[None]:
     p = _Discard()
     response.deliverBody(p)
     return p.finished
-
-
-def _describe(failure: Failure) -> str:
-    """
-    One short phrase for why a check failed.
-    """
-    exc = failure.value
-    if isinstance(exc, (ResponseNeverReceived, ResponseFailed)) and exc.reasons:
-        inner = exc.reasons[0]
-        if isinstance(inner, Failure):
-            what = _describe(inner)
-            return f"bad response: {what}" if isinstance(exc, ResponseFailed) else what
-    if isinstance(exc, defer.TimeoutError):
-        return str(exc) or "timed out"
-    if isinstance(exc, error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, error.TimeoutError):
-        return "connect timed out"
-    if isinstance(exc, error.DNSLookupError):
-        return "DNS lookup failed"
-    if isinstance(exc, (error.ConnectionDone, error.ConnectionLost)):
-        return "connection closed"
-    if isinstance(exc, error.ConnectError):
-        return f"connect failed: {exc.osError}" if exc.osError else "connect failed"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _timedOut(result: object, timeout: float) -> Failure:
@@ -363,7 +333,7 @@ class HealthChecker(Service):
         def failed(f: Failure) -> None:
             if rec.gone:
                 return
-            self._failed(backend, rec, _describe(f))
+            self._failed(backend, rec, describe(f))
 
         def settled(result: object) -> None:
             settledNow.append(True)
