@@ -17,15 +17,20 @@ setup(
         "treq>=23.11",
         "pyopenssl>=23.2",
         "service-identity>=23.1",
+        # HTTP/2 (--http2) works after a plain install.
+        "twisted[http2]",
+        # The admin server's /metrics.
+        "prometheus_client>=0.16",
         "tomli>=1.1; python_version<'3.11'",
     ],
     extras_require={
-        "http2": ["twisted[http2]"],
+        # Kept so that 'pip install txbalancer[http2]' still works; h2 is
+        # now a normal dependency.
+        "http2": [],
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
             "hypothesis>=6",
-            "twisted[http2]",
         ],
     },
     classifiers=[
