@@ -23,11 +23,7 @@ from txbalancer.config import (
     parse_size,
 )
 
-PYTHON = (
-    "/work/venv/bin/python"
-    if os.path.exists("/work/venv/bin/python")
-    else sys.executable
-)
+PYTHON = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
