@@ -266,6 +266,17 @@ def test_parseShortForm():
     assert spec == CertSpec("fullchain.pem", "privkey.pem")
 
 
+def test_parseTxbtlsForm():
+    """The txbtls: endpoint string given to --port reads like --tls."""
+    port, iface, spec = parseTLSListener(
+        "txbtls:8443:cert=fullchain.pem:key=privkey.pem:chain=c.pem:interface=127.0.0.1"
+    )
+    assert (port, iface) == (8443, "127.0.0.1")
+    assert spec == CertSpec("fullchain.pem", "privkey.pem", "c.pem")
+    with pytest.raises(TLSConfigError, match=r"--port: .*unknown option\(s\) alpn"):
+        parseTLSListener("txbtls:8443:cert=c.pem:key=k.pem:alpn=h2")
+
+
 def test_parseEscapedColon():
     """A backslash escapes a colon in a path, as in Twisted's strings."""
     _, _, spec = parseTLSListener(r"8443:cert=C\:/certs/a.pem:key=k.pem")

@@ -123,20 +123,25 @@ def _splitFields(value: str, option: str) -> tuple[list[str], dict[str, str]]:
 
 def parseTLSListener(value: str) -> tuple[int, str, CertSpec]:
     """
-    Parse a TLS listener description, in either form::
+    Parse a TLS listener description, in any of its forms::
 
-        ssl:8443:privateKey=key.pem:certKey=cert.pem[:extraCertChainFile=chain.pem][:interface=ADDR]
         8443:cert=fullchain.pem:key=privkey.pem[:chain=chain.pem][:interface=ADDR]
+        txbtls:8443:cert=fullchain.pem:key=privkey.pem[:chain=chain.pem][:interface=ADDR]
+        ssl:8443:privateKey=key.pem:certKey=cert.pem[:extraCertChainFile=chain.pem][:interface=ADDR]
 
-    The first is Twisted's C{ssl:} endpoint (C{certKey} defaults to
-    C{privateKey}, as there); the second is C{--tls}.
+    The first is C{--tls}; the second the project's endpoint string (see
+    L{txbalancer.tls.endpoint}) given to C{--port}; the third Twisted's
+    C{ssl:} endpoint (C{certKey} defaults to C{privateKey}, as there).
 
     @return: C{(port, interface, CertSpec)}; C{interface} is C{""} for all.
     @raise TLSConfigError: naming the option that is wrong.
     """
     value = value.strip()
-    option = "--port" if value.split(":", 1)[0].lower() == "ssl" else "--tls"
+    prefix = value.split(":", 1)[0].lower()
+    option = "--port" if prefix in ("ssl", "txbtls") else "--tls"
     args, kwargs = _splitFields(value, option)
+    if prefix == "txbtls":
+        return tlsListenerFields(args[1:], kwargs, option, repr(value))
     if option == "--port":
         unknown = set(kwargs) - _TWISTED_SSL_KEYS
         if unknown:
