@@ -31,6 +31,7 @@ setup(
             "pytest>=7",
             "pytest-twisted>=1.14",
             "hypothesis>=6",
+            "docutils",
         ],
     },
     classifiers=[

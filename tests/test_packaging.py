@@ -131,3 +131,19 @@ def test_txbtls_endpoint_plugin_discoverable(tmp_path):
     source = str(ROOT / "twisted" / "plugins")
     assert not output.split("from ", 1)[1].startswith(source), output
     assert re.search(r"error TLSConfigError \S*missing\.pem: cannot read", output), output
+
+
+@pytest.mark.parametrize("name", ["README.rst", "CHANGELOG.rst"])
+def test_rst_is_valid(name):
+    """README.rst (the package's long description) and CHANGELOG.rst parse as reStructuredText without errors."""
+    import docutils.core
+    import docutils.utils
+
+    try:
+        docutils.core.publish_doctree(
+            (ROOT / name).read_text(),
+            source_path=name,
+            settings_overrides={"report_level": 5, "halt_level": 2},
+        )
+    except docutils.utils.SystemMessage as e:
+        pytest.fail(f"{name}: {str(e).splitlines()[0]}")
