@@ -319,8 +319,10 @@ def test_parseErrors(value, fragment):
 
 def test_serverTLSProvidesCreator(pki):
     """ServerTLS is an IOpenSSLServerConnectionCreator."""
+    from zope.interface.verify import verifyObject
+
     serverTLS = ServerTLS([pki.server("a", "a.example")])
-    assert IOpenSSLServerConnectionCreator.providedBy(serverTLS)
+    assert verifyObject(IOpenSSLServerConnectionCreator, serverTLS)
 
 
 def test_mismatchedKey(pki):
@@ -844,3 +846,26 @@ def test_txbtlsEndpointStringErrors(pki, fields, fragment):
     with pytest.raises(TLSConfigError) as e:
         serverFromString(MemoryReactorClock(), value)
     assert fragment in str(e.value)
+
+
+def test_endpointInterfaces(pki):
+    """The txbtls: parser, the plugin object Twisted finds and the endpoint provide their interfaces."""
+    from twisted.internet.interfaces import (
+        IStreamServerEndpoint,
+        IStreamServerEndpointStringParser,
+    )
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.plugin import IPlugin
+    from twisted.plugins import txbalancer_endpoints
+    from zope.interface.verify import verifyObject
+
+    from txbalancer.tls.endpoint import TLSEndpointParser
+
+    assert verifyObject(IStreamServerEndpointStringParser, TLSEndpointParser())
+    assert verifyObject(IStreamServerEndpointStringParser, txbalancer_endpoints.txbtls)
+    assert IPlugin.providedBy(txbalancer_endpoints.txbtls)
+    spec = pki.server("a", "a.example")
+    endpoint = txbalancer_endpoints.txbtls.parseStreamServer(
+        MemoryReactorClock(), "8443", cert=spec.cert, key=spec.key
+    )
+    assert verifyObject(IStreamServerEndpoint, endpoint)
