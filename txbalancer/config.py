@@ -27,6 +27,7 @@ __all__ = [
     "ConfigError",
     "load_backends",
     "load_config",
+    "load_secret",
     "parse_backends",
     "parse_cidrs",
     "parse_port",
@@ -651,9 +652,17 @@ class _Locator:
                     start = row + 1
                     row, col = self._stringEnd(row, col)
                     yield start, "string"
+                    if row >= len(source):
+                        return
+                    line = source[row]
                     continue
                 if char in "[]{}":
                     yield row + 1, char
+                elif char not in " \t,=":
+                    # A bare word: a number, a boolean, a date, a key.
+                    yield row + 1, "atom"
+                    while col + 1 < len(line) and line[col + 1] not in " \t,=[]{}#":
+                        col += 1
                 col += 1
             yield row + 1, "eol"
             row += 1
@@ -689,9 +698,9 @@ class _Locator:
     def _valueEnd(self, row: int, col: int) -> int:
         depth = 0
         for lineno, token in self._tokens(row, col):
-            if token in "[{":
+            if token in ("[", "{"):
                 depth += 1
-            elif token in "]}":
+            elif token in ("]", "}"):
                 depth -= 1
             elif token == "eol" and depth <= 0:
                 return lineno - 1
@@ -699,7 +708,7 @@ class _Locator:
 
     def itemLines(self, path: Sequence[Any]) -> list[int]:
         """
-        The line of each string item of the array at C{path}.
+        The line of each item of the array at C{path}.
         """
         start = self.values.get(tuple(path))
         if start is None:
@@ -707,16 +716,19 @@ class _Locator:
         found = []
         depth = 0
         for lineno, token in self._tokens(*start):
-            if token in "[{":
+            if token in ("[", "{"):
+                if depth == 1:
+                    found.append(lineno)
                 depth += 1
-            elif token in "]}":
+            elif token in ("]", "}"):
                 depth -= 1
                 if depth <= 0:
                     break
-            elif token == "string" and depth == 1:
+            elif token == "eol":
+                if depth <= 0:
+                    break
+            elif depth == 1:
                 found.append(lineno)
-            elif token == "eol" and depth <= 0:
-                break
         return found
 
 
@@ -1168,3 +1180,31 @@ def load_config(
             raise ConfigError(e.message, path) from None
         raise
     return config
+
+
+# ---------------------------------------------------------------------------
+# Secrets
+
+SECRET_MIN = 16
+
+
+def load_secret(path: str, what: str = "sticky secret") -> bytes:
+    """
+    The key in the file at C{path}: its bytes, surrounding whitespace
+    stripped (so a trailing newline is not part of it).
+
+    @raise ConfigError: when the file cannot be read or holds fewer than
+        L{SECRET_MIN} bytes.
+    """
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} file: {e.strerror or e}", path) from None
+    if len(secret) < SECRET_MIN:
+        raise ConfigError(
+            f"the {what} is {len(secret)} bytes; it must be at least {SECRET_MIN} "
+            "(make one with: head -c 32 /dev/urandom | base64 > FILE)",
+            path,
+        )
+    return secret
