@@ -952,3 +952,79 @@ def test_load_secret(tmp_path):
     assert e.filename == str(short) and "at least 16" in e.message
     e = pytest.raises(ConfigError, load_secret, str(tmp_path / "none")).value
     assert "cannot read" in e.message
+
+
+def _referenceSection() -> str:
+    with open(os.path.join(ROOT, "README.rst"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("\nConfiguration reference\n-----------------------\n")
+    # The section ends at the next heading of its level or above.
+    rest = text[start + 50 :]
+    ends = [i for i in (rest.find("\n----"), rest.find("\n====")) if i >= 0]
+    return rest[: min(ends)] if ends else rest
+
+
+def _everyKey() -> list[str]:
+    from txbalancer.config import FILE_KEYS
+    from txbalancer.settings import commandLineSettings
+
+    keys = [s.option for s in commandLineSettings()]
+    for table in FILE_KEYS.values():
+        keys.extend(table)
+    return keys
+
+
+def test_readme_reference_lists_every_key():
+    """README.rst's configuration reference lists every key the parser accepts: each setting and each key of the file's tables."""
+    section = _referenceSection()
+    missing = [key for key in _everyKey() if f"   * - ``{key}``" not in section
+               and f"   * - ``{key}`` (in" not in section]
+    assert not missing, f"README.rst's configuration reference lacks: {missing}"
+
+
+def test_shipped_example_uses_every_key(tmp_path):
+    """etc/balancer.toml loads as shipped (the seed's /api/, /admin/ and default routes) and shows every key."""
+    path = os.path.join(ROOT, "etc", "balancer.toml")
+    config = load_config(path)
+    assert [(r.pool, r.host, r.path, r.stripPrefix) for r in config.routes] == [
+        ("api", None, "/api/", True),
+        ("admin", "admin.example.com", "/admin/", False),
+        ("web", None, None, False),
+    ]
+    (admin,) = [p for p in config.pools if p.name == "admin"]
+    assert admin.source == os.path.join(ROOT, "etc", "admin-backends.txt")
+    assert admin.backends
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    import re
+
+    shown = set(re.findall(r"^[#\s]*\[{1,2}([a-z]+)", text, re.M))
+    shown |= set(re.findall(r"^[#\s]*([a-z0-9_-]+)\s*=", text, re.M))
+    shown |= set(re.findall(r"[{,]\s*([a-z0-9_-]+)\s*=", text))
+    missing = [key for key in _everyKey() if key not in shown]
+    assert not missing, f"etc/balancer.toml does not show: {missing}"
+
+
+def test_shipped_example_commented_keys_are_valid(tmp_path):
+    """The keys etc/balancer.toml shows commented out are valid too: with them uncommented (and their files made) it loads."""
+    import re
+    import shutil
+
+    with open(os.path.join(ROOT, "etc", "balancer.toml"), encoding="utf-8") as f:
+        text = f.read()
+    lines = []
+    for line in text.split("\n"):
+        match = re.match(r"# ((?:\[\[listen\]\]|[a-z_-]+ = ).*)", line)
+        if match and not line.startswith("# token ="):  # token or token-file
+            line = match.group(1)
+        if line.startswith("backends = \"srv:"):
+            continue  # the alternative to backends_file
+        lines.append(line)
+    path = tmp_path / "balancer.toml"
+    path.write_text("\n".join(lines))
+    shutil.copy(os.path.join(ROOT, "etc", "admin-backends.txt"), tmp_path)
+    config = load_config(str(path))
+    assert [listener.secure for listener in config.listeners] == [False, True]
+    assert config.hsts == 31536000
+    assert config.stickySecretFile == str(tmp_path / "sticky-secret")
+    assert config.adminTokenFile == str(tmp_path / "admin-token")

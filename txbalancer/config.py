@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 __all__ = [
     "BackendSpec",
     "ConfigError",
+    "FILE_KEYS",
     "load_backends",
     "load_config",
     "load_secret",
@@ -549,6 +550,17 @@ _HEALTH_KEYS = {
     "fall": "fall",
     "host": "health-host",
     "status": "health-status",
+}
+# The keys of the file that are not settings, by table: what the
+# configuration reference in README.rst must list besides the settings.
+FILE_KEYS: dict[str, tuple[str, ...]] = {
+    "": _TOP_KEYS,
+    "listen": _LISTEN_KEYS,
+    "listen.tls": _TLS_KEYS,
+    "pool": _POOL_KEYS,
+    "pool.health": tuple(_HEALTH_KEYS),
+    "route": _ROUTE_KEYS,
+    "admin": tuple(_ADMIN_KEYS),
 }
 # Settings whose values are files: a relative path in the config file is
 # relative to the config file's directory (on the command line, to the
