@@ -800,6 +800,7 @@ def test_toml_srv_backends(tmp_path):
 
 def test_toml_settings_of_every_kind(tmp_path):
     """Every kind of setting takes its TOML type: numbers, flags, sizes, networks, status ranges, paths."""
+    (tmp_path / "secret").write_text("0123456789abcdef0123\n")
     path = write(tmp_path, """\
 [pool.web]
 backends = ["127.0.0.1:3003"]
@@ -882,6 +883,8 @@ TOML_ERRORS = {
     "listen as a table": ("[listen]\nendpoint = 'tcp:1'\n" + POOL, 1, ["[[listen]]"]),
     "setting given twice": (POOL + "health-path = '/a'\nhealth = { path = '/b' }\n", 4,
                             ["already given"]),
+    "missing sticky secret": (POOL + "[balancer]\nsticky-secret-file = 'nowhere'\n", 4,
+                              ["sticky-secret-file", "nowhere", "cannot read"]),
     "not TOML": (POOL + "backend-timeout = \n", 3, ["not valid TOML"]),
     "key after a multi-line array": ('[pool.web]\nbackends = [\n"127.0.0.1:1",\n]\nfoo = 1\n', 5,
                                      ["unknown key 'foo'"]),
@@ -1023,6 +1026,7 @@ def test_shipped_example_commented_keys_are_valid(tmp_path):
     path = tmp_path / "balancer.toml"
     path.write_text("\n".join(lines))
     shutil.copy(os.path.join(ROOT, "etc", "admin-backends.txt"), tmp_path)
+    (tmp_path / "sticky-secret").write_text("0123456789abcdef0123\n")
     config = load_config(str(path))
     assert [listener.secure for listener in config.listeners] == [False, True]
     assert config.hsts == 31536000

@@ -20,7 +20,9 @@ What one pool is made of (L{PoolRuntime})::
     UpstreamPool       kept-alive connections to the backends (upstream.py)
     Forwarder          one ProxyExchange per request (proxy.py)
 
-and what the balancer adds: the front ends (L{serverFactory} for the
+and what the balancer adds: the L{Router} when the configuration has
+routes (the first matching route's pool serves a request, no match is a
+404), the front ends (L{serverFactory} for the
 strict HTTP/1.1 + h2 listener, L{resource} for twisted.web), the
 listeners of the configuration (L{listen}), and the order of a graceful
 stop: stop listening, let requests in flight finish (at most
@@ -260,6 +262,13 @@ class Router:
 
     def __init__(self, routes: Sequence[Any], pools: dict[str, "PoolRuntime"],
                  accessLog: Any = None) -> None:
+        for route in routes:
+            if route.pool not in pools:
+                raise ConfigError(
+                    f"route to undefined pool {route.pool!r}",
+                    route.filename or None,
+                    route.lineno or None,
+                )
         self.table = RouteTable(routes, [pools[r.pool].forwarder for r in routes])
         self.accessLog = accessLog
         self.notFound = 0

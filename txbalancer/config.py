@@ -836,9 +836,16 @@ class _Reader:
         if s.option in _PATH_OPTIONS and isinstance(value, str) and value not in ("", "-"):
             value = self.file(value)
         try:
-            return s.coerce(value, s.option)
+            value = s.coerce(value, s.option)
         except ConfigError as e:
             raise self.error(e.message, where) from None
+        if s.option == "sticky-secret-file":
+            # Read now, so a missing or short key is named at its line.
+            try:
+                load_secret(value)
+            except ConfigError as e:
+                raise self.error(f"{s.option}: {value}: {e.message}", where) from None
+        return value
 
     # -- the tables
 

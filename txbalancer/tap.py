@@ -70,8 +70,10 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "An HTTP(S) load balancer and reverse proxy. Spreads requests over "
-        "the backends listed in --backends, streaming bodies both ways over "
-        "kept-alive backend connections. SIGTERM stops it gracefully."
+        "the backends listed in --backends (or the pools and routes of "
+        "--config FILE, which the options given here override), streaming "
+        "bodies both ways over kept-alive backend connections. SIGTERM stops "
+        "it gracefully."
     )
 
     optParameters, optFlags = _parameters()
@@ -81,6 +83,12 @@ class Options(usage.Options):
         self["port"] = []
         self["tls"] = []
         self["configFile"] = None
+        # The opt_ methods' docstrings are help texts: one paragraph each,
+        # without the indentation of their source lines.
+        self.docs = {
+            name: " ".join(doc.split()) if isinstance(doc, str) else doc
+            for name, doc in self.docs.items()
+        }
 
     def opt_config(self, path: str) -> None:
         """
