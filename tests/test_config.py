@@ -1032,3 +1032,12 @@ def test_shipped_example_commented_keys_are_valid(tmp_path):
     assert config.hsts == 31536000
     assert config.stickySecretFile == str(tmp_path / "sticky-secret")
     assert config.adminTokenFile == str(tmp_path / "admin-token")
+
+
+def test_toml_crlf_lines(tmp_path):
+    """A file with Windows line endings names the same lines."""
+    text = '[pool.web]\r\nbackends = [\r\n  "127.0.0.1:1",\r\n  "127.0.0.1:x",\r\n]\r\n'
+    path = tmp_path / "balancer.toml"
+    path.write_bytes(text.encode())
+    e = pytest.raises(ConfigError, load_config, str(path)).value
+    assert e.lineno == 4, str(e)

@@ -670,10 +670,10 @@ class _Locator:
                     continue
                 if char in "[]{}":
                     yield row + 1, char
-                elif char not in " \t,=":
+                elif char not in " \t\r,=":
                     # A bare word: a number, a boolean, a date, a key.
                     yield row + 1, "atom"
-                    while col + 1 < len(line) and line[col + 1] not in " \t,=[]{}#":
+                    while col + 1 < len(line) and line[col + 1] not in " \t\r,=[]{}#":
                         col += 1
                 col += 1
             yield row + 1, "eol"
