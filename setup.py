@@ -16,6 +16,10 @@ setup(
         "pyopenssl>=23.2",
         "service-identity>=23.1",
         "tomli>=1.1; python_version<'3.11'",
+        # PyPy 3.9 (Debian's pypy3): the newest releases with a pp39 wheel;
+        # newer ones would build from source, which needs network for Rust.
+        "cryptography<44; platform_python_implementation=='PyPy'",
+        "pyopenssl<25.2; platform_python_implementation=='PyPy'",
     ],
     extras_require={
         "http2": ["twisted[http2]"],

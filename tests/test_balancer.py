@@ -366,3 +366,66 @@ class AgreementTests(SynchronousTestCase):
                               stickySecretFile=secret, reactor=MemoryReactorClock())
         self.assertIn(secret, str(e))
         self.assertIn("at least 16", str(e))
+
+
+class ChangingBackendsTests(SynchronousTestCase):
+    """
+    Backends added and removed while requests flow (what reload, the admin
+    API and DNS discovery build on).
+    """
+
+    def setUp(self) -> None:
+        self.lb = InMemoryBalancer(["127.0.0.1:3001"])
+        self.runtime = self.lb.runtime
+
+    def test_added_backend_takes_requests_and_is_checked(self) -> None:
+        """An added backend takes requests at once and its health checks run."""
+        from txbalancer.testing import backendSpecs
+
+        (spec,) = backendSpecs("127.0.0.1:3002 weight=3")
+        backend = self.runtime.addBackend(spec)
+        self.assertIn(backend, self.lb.checker)
+        for _ in range(4):
+            client = self.lb.client()
+            client.send(GET)
+            if self.lb.pendingConnects():
+                self.lb.acceptConnect().respond(OK)
+        self.assertEqual(backend.requests, 3)
+        self.lb.reactor.advance(5)
+        self.assertIn("http://127.0.0.1:3002/", self.lb.health.checks)
+
+    def test_removed_backend_finishes_requests_in_flight(self) -> None:
+        """A removed backend takes no new request, finishes the one in flight, then is gone."""
+        from txbalancer.testing import backendSpecs
+
+        (spec,) = backendSpecs("127.0.0.1:3002")
+        second = self.runtime.addBackend(spec)
+        first = self.lb.backend("127.0.0.1:3001")
+        client = self.lb.client()
+        client.send(GET)
+        conn = self.lb.acceptConnect()
+        self.assertEqual(first.active, 1)
+        d = self.runtime.removeBackend(first)
+        self.assertNoResult(d)
+        other = self.lb.client()
+        other.send(GET)
+        self.assertEqual(self.lb.pendingConnects()[0].address, "127.0.0.1:3002")
+        self.lb.acceptConnect().respond(OK)
+        conn.respond(OK)
+        self.assertTrue(client.received().endswith(b"ok"))
+        self.successResultOf(d)
+        self.assertNotIn(first, self.lb.pool.backends)
+        self.assertNotIn(first, self.lb.checker)
+        self.assertEqual([b.address for b in self.lb.pool.backends], [second.address])
+
+    def test_update_keeps_state(self) -> None:
+        """Updating a backend's weight keeps its counters and health."""
+        from txbalancer.testing import backendSpecs
+
+        backend = self.lb.backend("127.0.0.1:3001")
+        backend.requests = 7
+        (spec,) = backendSpecs("127.0.0.1:3001 weight=5")
+        self.lb.pool.update(backend, spec)
+        self.assertEqual(backend.weight, 5)
+        self.assertEqual(backend.requests, 7)
+        self.assertIn(backend, self.lb.checker)

@@ -155,3 +155,19 @@ def test_end_to_end_property(headers) -> None:
         and n.lower() not in (b"connection", b"keep-alive", b"te", b"upgrade")
     ]
     assert out == kept
+
+
+def test_connection_cannot_remove_end_to_end_fields() -> None:
+    """Connection naming Host, framing or other end-to-end fields removes none of them."""
+    headers = [
+        (b"Host", b"h"),
+        (b"Connection", b"Host, content-length, Content-Type, Cookie, X-Hop"),
+        (b"Content-Type", b"text/plain"),
+        (b"Cookie", b"a=1"),
+        (b"X-Hop", b"1"),
+    ]
+    assert endToEnd(headers) == [
+        (b"Host", b"h"),
+        (b"Content-Type", b"text/plain"),
+        (b"Cookie", b"a=1"),
+    ]

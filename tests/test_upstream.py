@@ -231,6 +231,8 @@ class ConnectionTests(SynchronousTestCase):
             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (10**20,),
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokX\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;\r\nok\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 \r\nok\r\n",
             b"HTTP/1.1 200 OK\r\nX: " + b"a" * (70 * 1024),
         ]:
             conn, transport = upstreamConnection(self.pool, self.backend)

@@ -165,6 +165,49 @@ class PoolRuntime:
     def inFlight(self) -> int:
         return self.forwarder.inFlight
 
+    # -- changing the set of backends while requests flow (reload, the
+    # admin API, DNS discovery all come here)
+
+    def backend(self, address: str) -> Any:
+        """
+        The backend at C{host:port} (C{scheme://host:port} also matches), or
+        L{None}.
+        """
+        for backend in self.pool.backends:
+            if address in (backend.address, f"{backend.scheme}://{backend.address}"):
+                return backend
+        return None
+
+    def addBackend(self, spec: Any) -> Any:
+        """
+        Add a backend from its L{txbalancer.config.BackendSpec}; its health
+        checks start now.
+        """
+        backend = self.pool.add(spec)
+        self.checker.addBackend(backend)
+        log.info("pool {pool}: added backend {address}", pool=self.name,
+                 address=backend.address)
+        return backend
+
+    def removeBackend(self, backend: Any) -> Any:
+        """
+        Remove C{backend}: no new requests; those in flight finish, then its
+        kept-alive connections close.
+
+        @return: a Deferred that fires when it is gone.
+        """
+        self.checker.removeBackend(backend)
+        d = self.pool.remove(backend)
+        log.info("pool {pool}: removing backend {address} ({n} requests in flight)",
+                 pool=self.name, address=backend.address, n=backend.active)
+
+        def gone(_: object) -> None:
+            self.upstreams.forget(backend)
+            log.info("pool {pool}: backend {address} removed", pool=self.name,
+                     address=backend.address)
+
+        return d.addCallback(gone)
+
     def start(self) -> None:
         self.pool.startService()
         self.checker.startService()
@@ -334,7 +377,7 @@ class Balancer(MultiService):
         self.reactor = reactor
         self.installSignalHandlers = installSignalHandlers
         self.accessLog = (
-            AccessLog.open(config.accessLog, reactor.seconds)
+            AccessLog.open(config.accessLog, reactor.seconds, config.accessLogFormat)
             if config.accessLog
             else None
         )
@@ -436,7 +479,12 @@ class Balancer(MultiService):
         """
         from txbalancer.resource import BalancerResource
 
-        return BalancerResource(self.handler, self.reactor)
+        resource = BalancerResource(
+            self.handler, self.reactor, maxBodySize=self.config.maxBodySize
+        )
+        # A graceful stop waits for its requests in flight, too.
+        self.factories.append(resource)
+        return resource
 
     # -- listeners
 
@@ -509,6 +557,7 @@ class Balancer(MultiService):
             serverTLS.watch(self.reactor, self.config.tlsReloadInterval)
         if self.installSignalHandlers:
             signal.signal(signal.SIGHUP, self._sighup)
+            signal.signal(signal.SIGUSR1, self._sigusr1)
         for runtime in self.pools.values():
             backends = runtime.pool.backends
             log.info(
@@ -520,6 +569,18 @@ class Balancer(MultiService):
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
+
+    def _sigusr1(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reopenLogs)
+
+    def reopenLogs(self) -> None:
+        """
+        SIGUSR1: reopen the access log file by name, after logrotate moved
+        it away; no line is lost.
+        """
+        if self.accessLog is not None:
+            log.info("SIGUSR1: reopening the access log")
+            self.accessLog.reopen()
 
     def reload(self) -> None:
         """

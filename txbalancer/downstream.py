@@ -23,29 +23,27 @@ C{sendError}.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Optional
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from txbalancer.framing import (
-    BAD_VALUE,
-    TOKEN,
-    ChunkedDecoder,
-    FramingError,
-    parseContentLength,
-)
-from txbalancer.headers import connectionTokens
-from txbalancer.interfaces import IDownstream, IFrontEndConnection, IRequestHead
+from txbalancer.framing import CRLF, ChunkedDecoder, FramingError
+from txbalancer.interfaces import IDownstream, IFrontEndConnection
+from txbalancer.request import BadRequest, Request, parseHead
+
+__all__ = [
+    "BadRequest",
+    "HTTPServerFactory",
+    "HTTPServerProtocol",
+    "NO_BODY_STATUSES",
+    "REASONS",
+    "Request",
+    "parseHead",
+]
 
 log = Logger()
-
-CRLF = b"\r\n"
-
-# A request target: no CTL, no space.
-_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 
 # Statuses whose responses never carry a body.
 NO_BODY_STATUSES = frozenset([204, 304])
@@ -65,186 +63,6 @@ REASONS = {
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
-
-
-class BadRequest(FramingError):
-    """
-    The client sent something we will not forward.
-    """
-
-
-@implementer(IRequestHead)
-class Request:
-    """
-    The parsed head of one request.
-
-    @ivar headers: every header as C{(name, value)} in arrival order, names
-        as the client spelled them.
-    @ivar contentLength: the body length, or L{None} when chunked or absent.
-    @ivar chunked: whether the body is chunked.
-    """
-
-    __slots__ = (
-        "method",
-        "target",
-        "version",
-        "headers",
-        "host",
-        "contentLength",
-        "chunked",
-        "keepAlive",
-        "expectContinue",
-        "upgrade",
-        "teTrailers",
-        "clientCert",
-        "peer",
-        "secure",
-        "received",
-    )
-
-    def __init__(self) -> None:
-        self.method = b""
-        self.target = b""
-        self.version = b"HTTP/1.1"
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.host: Optional[bytes] = None
-        self.contentLength: Optional[int] = None
-        self.chunked = False
-        self.keepAlive = True
-        self.expectContinue = False
-        self.upgrade = False
-        self.teTrailers = False
-        self.clientCert: Optional[bytes] = None
-        self.peer = ""
-        self.secure = False
-        self.received = 0.0
-
-    @property
-    def hasBody(self) -> bool:
-        return self.chunked or bool(self.contentLength)
-
-
-def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
-    """
-    Parse a request head (request line and header lines, without the blank
-    line that ends it).
-
-    @raise BadRequest: for anything malformed or ambiguous.
-    """
-    lines = head.split(CRLF)
-    requestLine = lines[0]
-    parts = requestLine.split(b" ")
-    if len(parts) != 3:
-        raise BadRequest(400, "malformed request line")
-    method, target, version = parts
-    if not TOKEN.match(method):
-        raise BadRequest(400, "malformed method")
-    if not target or _BAD_TARGET.search(target):
-        raise BadRequest(400, "malformed request target")
-    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-        if version[:5] == b"HTTP/" and len(version) == 8 and version[6:7] == b".":
-            raise BadRequest(505, "unsupported HTTP version")
-        raise BadRequest(400, "malformed HTTP version")
-    request = Request()
-    request.method = method
-    request.version = version
-    if len(lines) > maxHeaders + 1:
-        raise BadRequest(431, "too many header fields")
-
-    headers = request.headers
-    contentLengths = []
-    transferEncodings = []
-    connection = []
-    hosts = []
-    expect = None
-    upgrade = False
-    teTrailers = False
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not TOKEN.match(name):
-            if line[:1] in (b" ", b"\t"):
-                raise BadRequest(400, "obsolete line folding in headers")
-            if not colon:
-                raise BadRequest(400, "header line without a colon")
-            raise BadRequest(400, "malformed header name")
-        value = value.strip(b" \t")
-        if BAD_VALUE.search(value):
-            raise BadRequest(400, "invalid character in header value")
-        lname = name.lower()
-        if lname == b"content-length":
-            contentLengths.append(value)
-        elif lname == b"transfer-encoding":
-            transferEncodings.append(value)
-        elif lname == b"host":
-            hosts.append(value)
-        elif lname == b"connection":
-            connection.append(value)
-        elif lname == b"expect":
-            expect = value.lower()
-        elif lname == b"upgrade":
-            upgrade = True
-        elif lname == b"te":
-            teTrailers = b"trailers" in [t.strip().lower() for t in value.split(b",")]
-        headers.append((name, value))
-
-    if transferEncodings:
-        if contentLengths:
-            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
-        if version == b"HTTP/1.0":
-            raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
-        codings = [
-            c.strip().lower() for te in transferEncodings for c in te.split(b",")
-        ]
-        if codings != [b"chunked"]:
-            if codings and codings[-1] == b"chunked":
-                raise BadRequest(501, "unsupported transfer coding")
-            raise BadRequest(400, "request body framing is not chunked")
-        request.chunked = True
-    elif contentLengths:
-        try:
-            request.contentLength = parseContentLength(contentLengths)
-        except FramingError as e:
-            raise BadRequest(e.status, e.reason)
-
-    if len(hosts) > 1:
-        raise BadRequest(400, "more than one Host header")
-    if hosts:
-        request.host = hosts[0]
-    elif version == b"HTTP/1.1":
-        raise BadRequest(400, "missing Host header")
-
-    if target[:1] != b"/":
-        if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
-            # absolute-form: the authority in the target wins over Host.
-            rest = target.split(b"://", 1)[1]
-            authority, slash, path = rest.partition(b"/")
-            if not authority or b"@" in authority:
-                raise BadRequest(400, "malformed absolute request target")
-            target = b"/" + path
-            request.host = authority
-            headers[:] = [(n, v) for n, v in headers if n.lower() != b"host"]
-            headers.insert(0, (b"Host", authority))
-        elif target == b"*" and method == b"OPTIONS":
-            pass
-        elif method == b"CONNECT":
-            raise BadRequest(501, "CONNECT is not supported")
-        else:
-            raise BadRequest(400, "malformed request target")
-    request.target = target
-
-    tokens = connectionTokens(connection)
-    if version == b"HTTP/1.1":
-        request.keepAlive = b"close" not in tokens
-    else:
-        request.keepAlive = b"keep-alive" in tokens and b"close" not in tokens
-    if expect is not None:
-        if expect != b"100-continue":
-            raise BadRequest(417, "unsupported expectation")
-        request.expectContinue = version == b"HTTP/1.1"
-    request.upgrade = upgrade and b"upgrade" in tokens
-    request.teTrailers = teTrailers and b"te" not in tokens
-    return request
-
 
 # Parser states.
 _HEAD, _BODY, _CHUNKED, _DONE = range(4)

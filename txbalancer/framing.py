@@ -14,11 +14,22 @@ from typing import Callable, Iterable, Optional
 CRLF = b"\r\n"
 
 # RFC 9110 token characters, for methods and field names.
-TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+TOKEN = re.compile(_TCHAR + rb"+\Z")
 # Field values: visible characters, SP, HTAB and obs-text; no other CTL.
 BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"[0-9]+\Z")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+# RFC 9110 5.6.4 quoted-string.
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+# RFC 9112 7.1.1: chunk-size [ chunk-ext ], where chunk-ext is
+# *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] ).  Nothing
+# else: no whitespace after the size unless an extension follows, no empty
+# or malformed extension, at most 15 hex digits (2^60 - 1, far beyond any
+# body, and never an overflow anywhere).
+_CHUNK_SIZE = re.compile(
+    rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[ \t]*" + _TCHAR + rb"+(?:[ \t]*=[ \t]*(?:"
+    + _TCHAR + rb"+|" + _QUOTED + rb"))?)*\Z"
+)
 
 MAX_CONTENT_LENGTH = 2**63 - 1
 MAX_CHUNK_LINE = 4096

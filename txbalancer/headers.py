@@ -9,8 +9,9 @@ case the peer sent them; repeated headers stay separate entries.
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Iterable, Sequence
+
+from txbalancer.framing import TOKEN
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and their unofficial siblings.
 # They describe one connection, never the next one, so they are removed in
@@ -26,6 +27,9 @@ HOP_BY_HOP = frozenset(
         b"trailer",
         b"proxy-authenticate",
         b"proxy-authorization",
+        # RFC 7540 3.2.1: the h2c upgrade's settings, for one connection
+        # only (a client may send it without naming it in Connection).
+        b"http2-settings",
     ]
 )
 
@@ -44,6 +48,58 @@ SET_BY_BALANCER = frozenset(
 
 # Framing headers: the balancer re-frames every message it forwards.
 FRAMING = frozenset([b"content-length"])
+
+# Fields HTTP defines as end-to-end (RFC 9110, 9111; Cookie from RFC 6265):
+# they are meant for every recipient, so naming one in Connection cannot
+# make it a connection option (RFC 9110 7.6.1: "a sender MUST NOT send a
+# connection option corresponding to a field that is intended for all
+# recipients").  endToEnd never removes these because Connection names
+# them: "Connection: Host" must not strip Host, nor "Connection:
+# Content-Type" the type of the body.  Framing (Content-Length,
+# Transfer-Encoding) is the balancer's own in any case.
+NEVER_CONNECTION_OPTIONS = frozenset(
+    [
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"content-type",
+        b"content-encoding",
+        b"content-language",
+        b"content-location",
+        b"content-range",
+        b"authorization",
+        b"cookie",
+        b"set-cookie",
+        b"cache-control",
+        b"pragma",
+        b"date",
+        b"expect",
+        b"range",
+        b"if-match",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-unmodified-since",
+        b"if-range",
+        b"accept",
+        b"accept-encoding",
+        b"accept-language",
+        b"max-forwards",
+        b"referer",
+        b"user-agent",
+        b"from",
+        b"location",
+        b"etag",
+        b"last-modified",
+        b"vary",
+        b"www-authenticate",
+        b"retry-after",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+        b"via",
+    ]
+)
 
 VIA = b"1.1 txbalancer"
 
@@ -66,8 +122,9 @@ def endToEnd(
 ) -> list[tuple[bytes, bytes]]:
     """
     The headers of a message without its hop-by-hop headers, without the
-    headers its Connection header names, without framing headers, and
-    without any header named in C{extraDrop}; order is kept.
+    extension headers its Connection header names (never one in
+    L{NEVER_CONNECTION_OPTIONS}), without framing headers, and without any
+    header named in C{extraDrop}; order is kept.
     """
     kept = []
     named: list[bytes] = []
@@ -81,7 +138,7 @@ def endToEnd(
         elif lname not in drop:
             kept.append((lname, header))
     if named:
-        tokens = connectionTokens(named)
+        tokens = connectionTokens(named) - NEVER_CONNECTION_OPTIONS
         return [header for lname, header in kept if lname not in tokens]
     return [header for lname, header in kept]
 
@@ -98,11 +155,8 @@ def formatForwardedFor(address: str) -> bytes:
     return b"for=" + address.encode("ascii")
 
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-
-
 def _quoteIfNeeded(value: bytes) -> bytes:
-    if _TOKEN.match(value):
+    if TOKEN.match(value):
         return value
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 

@@ -646,6 +646,9 @@ class HealthChecker(Service):
         if rec is not None:
             self._halt(rec)
 
+    def __contains__(self, backend: Any) -> bool:
+        return backend in self._checked
+
     def health(self, backend: Any) -> BackendHealth:
         return self._checked[backend].health
 

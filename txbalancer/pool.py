@@ -65,6 +65,7 @@ class BackendPool(Service):
         self.checker: Any = None
         self.panic = False
         self.waiting: deque[Any] = deque()
+        self.leaving: dict[Backend, Any] = {}
         self._limited = any(b.maxConns for b in self.backends)
         self._secret = cookieSecret if cookieSecret is not None else os.urandom(32)
         self._byCookie = {self.cookieFor(b): b for b in self.backends}
@@ -116,6 +117,61 @@ class BackendPool(Service):
             if state == "up":
                 self._wakeWaiters()
 
+    # -- changing the set of backends while requests flow
+
+    def add(self, spec: Any) -> Backend:
+        """
+        A new backend from C{spec}: it takes requests from now on (it starts
+        up; its health checks, wired by the balancer, take it down if not).
+        """
+        backend = Backend(spec)
+        self.backends.append(backend)
+        self._byCookie[self.cookieFor(backend)] = backend
+        self._limited = any(b.maxConns for b in self.backends)
+        self._refresh()
+        self._wakeWaiters()
+        return backend
+
+    def update(self, backend: Backend, spec: Any) -> None:
+        """
+        C{backend} keeps its state, counters and connections, and takes the
+        weight, C{max_conns} and C{backup} of C{spec} (same address).
+        """
+        backend.spec = spec
+        if backend not in self._ramping:
+            backend.weight = spec.weight
+        backend.maxConns = spec.max_conns
+        backend.backup = spec.backup
+        self._limited = any(b.maxConns for b in self.backends)
+        self._refresh()
+        self._wakeWaiters()
+
+    def remove(self, backend: Backend) -> Any:
+        """
+        Take C{backend} out: it gets no new request (sticky cookies naming
+        it included), and the ones in flight finish.
+
+        @return: a Deferred that fires once none is in flight any more.
+        """
+        from twisted.internet.defer import Deferred, succeed
+
+        if backend not in self.backends:
+            return succeed(None)
+        self.backends.remove(backend)
+        self._byCookie.pop(self.cookieFor(backend), None)
+        self._ramping.pop(backend, None)
+        self.chooser.forget(backend)
+        if self.outliers is not None:
+            self.outliers.forget(backend)
+        self._limited = any(b.maxConns for b in self.backends)
+        self._refresh()
+        backend.available = False
+        if not backend.active:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self.leaving[backend] = done
+        return done
+
     # -- choosing
 
     def choose(
@@ -158,7 +214,9 @@ class BackendPool(Service):
         backend may go.
         """
         backend.active -= 1
-        if self.waiting and backend.maxConns and backend.active < backend.maxConns:
+        if not backend.active and backend in self.leaving:
+            self.leaving.pop(backend).callback(None)
+        elif self.waiting and backend.maxConns and backend.active < backend.maxConns:
             self._wakeWaiters()
 
     def observe(self, backend: Backend, seconds: float) -> None:
@@ -254,8 +312,11 @@ class BackendPool(Service):
 
     def attemptFinished(self, backend: Backend, ok: bool) -> None:
         """
-        An attempt on C{backend} ended: C{ok} is false for a failed connect,
-        a broken response or a 5xx status.  Feeds passive outlier detection.
+        An attempt on C{backend} ended: C{ok} is false when the backend is
+        to blame (a failed connect, a timeout, a broken response, a 5xx
+        status other than 501/505; see L{txbalancer.proxy.ProxyExchange}
+        for what a client can provoke and so never counts).  Feeds passive
+        outlier detection.
         """
         outliers = self.outliers
         if outliers is not None:
@@ -275,6 +336,9 @@ class BackendPool(Service):
         result = []
         for backend in self.backends:
             status = backend.status()
+            if self.checker is not None and backend not in self.checker:
+                result.append(status)
+                continue
             if self.checker is not None:
                 status["health"] = self.checker.status(backend)
             if self.outliers is not None:

@@ -19,6 +19,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from txbalancer.backend import Backend
+from txbalancer.framing import CRLF
 from txbalancer.headers import (
     SET_BY_BALANCER,
     clientAddress,
@@ -30,8 +31,6 @@ from txbalancer.interfaces import IExchange
 from txbalancer.upstream import UpstreamConnection
 
 log = Logger()
-
-CRLF = b"\r\n"
 
 # Methods that may be sent twice with the effect of once (RFC 9110 9.2.2).
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
@@ -83,7 +82,7 @@ class Forwarder:
             else None
         )
         self.redirectHttps = redirectHttps
-        self.needsClientKey = needsClientKey or accessLog is not None
+        self.needsClientKey = needsClientKey
         self.stickyCookie = stickyCookie.encode("ascii") if stickyCookie else None
         self.queueTimeout = queueTimeout
         self.upstreams = upstreams
@@ -162,10 +161,19 @@ class ProxyExchange:
         self._head: Optional[bytes] = None
         self._bodyProducer: Optional[_RequestBodyProducer] = None
         self._producing = False
+        self._clientPaused = False
+        self._timedOutOnce = False
         self._retriedFresh = False
         self._activeBackend: Optional[Backend] = None
         self._queued = False
         self._sentAt = 0.0
+        self._connectStart = 0.0
+        self.connectTime: Optional[float] = None
+        self.firstByteTime: Optional[float] = None
+        # Backends that closed a fresh connection on this request, complete,
+        # without a byte of answer: the request's fault or theirs, decided
+        # by whether another backend answers it (see _judgeLoss).
+        self._suspects: list[Backend] = []
         self.clientKey: Optional[str] = None
         self.cookieValue: Optional[str] = None
 
@@ -255,6 +263,10 @@ class ProxyExchange:
                     self._wait()
                 elif not self.tried:
                     self._fail(503, "no backend available")
+                elif self._timedOutOnce:
+                    self._fail(
+                        504, "no backend answered in time: " + "; ".join(self.errors)
+                    )
                 else:
                     self._fail(
                         502, "no backend could be reached: " + "; ".join(self.errors)
@@ -270,6 +282,7 @@ class ProxyExchange:
         if conn is not None:
             self._connected(conn)
             return
+        self._connectStart = forwarder.reactor.seconds()
         d = forwarder.upstreams.connect(backend)
         self._connecting = d
         d.addCallbacks(self._connected, self._connectFailed, errbackArgs=(backend,))
@@ -283,11 +296,13 @@ class ProxyExchange:
             self.forwarder.upstreams.release(conn)
             return
         self.conn = conn
+        now = self.forwarder.reactor.seconds()
+        self.connectTime = now - self._connectStart if not conn.reused else 0.0
         head = self._head
         if head is None or self.request.host is None:
             head = self._head = self._buildHead(conn.backend)
         request = self.request
-        self._sentAt = self.forwarder.reactor.seconds()
+        self._sentAt = now
         conn.sendRequest(head, self, request.method == b"HEAD", request.chunked)
         if self.pending:
             pending, self.pending = self.pending, []
@@ -319,8 +334,7 @@ class ProxyExchange:
         self._releaseBackend()
         if self.finished or failure.check(CancelledError):
             return
-        backend.failures += 1
-        self.forwarder.pool.attemptFinished(backend, False)
+        self._strike(backend)
         self.errors.append(f"{backend.address} {_describe(failure.value)}")
         log.info(
             "connect to backend {backend} failed: {reason}",
@@ -434,15 +448,25 @@ class ProxyExchange:
         headers: list[tuple[bytes, bytes]],
         length: Optional[int],
     ) -> None:
-        self._cancelTimeout()
+        self._armIdleTimeout()
         self.responded = True
         self.replay = None
         self.status = status
         forwarder = self.forwarder
         backend = self.backend
         pool = forwarder.pool
-        pool.attemptFinished(backend, status < 500)
-        pool.observe(backend, forwarder.reactor.seconds() - self._sentAt)
+        fault = backendFault(status)
+        pool.attemptFinished(backend, not fault)
+        if fault:
+            backend.failures += 1
+        elif self._suspects:
+            # Another backend answered the request the suspects closed on:
+            # it was a good request, so closing on it was their fault.
+            suspects, self._suspects = self._suspects, []
+            for suspect in suspects:
+                self._strike(suspect)
+        self.firstByteTime = forwarder.reactor.seconds() - self._sentAt
+        pool.observe(backend, self.firstByteTime)
         headers = endToEnd(headers)
         if forwarder.hsts is not None and self.request.secure:
             headers = [h for h in headers if h[0].lower() != b"strict-transport-security"]
@@ -459,6 +483,9 @@ class ProxyExchange:
 
     def responseData(self, data: bytes) -> None:
         self.sentBytes += len(data)
+        call = self._timeoutCall
+        if call is not None:
+            call.reset(self.forwarder.backendTimeout)
         self.server.writeBody(data)
 
     def responseFinished(self) -> None:
@@ -478,11 +505,11 @@ class ProxyExchange:
         if self.finished:
             return
         why = _describe(getattr(reason, "value", reason))
-        if backend is not None:
-            backend.failures += 1
-            if not self.responded:
-                self.forwarder.pool.attemptFinished(backend, False)
         if self.responded:
+            # The head was counted a success; the body breaking off is
+            # the backend's doing all the same.
+            if backend is not None:
+                backend.failures += 1
             log.warn(
                 "backend {backend} broke off the response: {reason}",
                 backend=backend.address if backend else "?",
@@ -491,6 +518,8 @@ class ProxyExchange:
             self._finish()
             self.server.abortResponse()
             return
+        if backend is not None:
+            self._judgeLoss(backend, conn, responseStarted)
         retryable = (
             not responseStarted
             and self.request.method in IDEMPOTENT
@@ -512,14 +541,64 @@ class ProxyExchange:
             return
         self._fail(502, f"backend {backend.address if backend else '?'} failed: {why}")
 
+    def _judgeLoss(
+        self,
+        backend: Backend,
+        conn: Optional[UpstreamConnection],
+        responseStarted: bool,
+    ) -> None:
+        """
+        C{backend} lost the connection before a response head: count it
+        against the backend only when the backend is to blame.  A client's
+        failure never counts against a backend, or a client could eject
+        healthy backends at will by sending requests they close on.
+
+        - Part of a response arrived (a malformed or cut-off head): the
+          backend's fault.
+        - The client had not finished sending its body: the backend most
+          likely refused the request (too large, malformed body): not the
+          backend's fault.
+        - A kept-alive connection: most likely a keep-alive race; the
+          retry on a fresh connection decides.
+        - A complete request on a fresh connection: ambiguous.  The
+          backend is a suspect, struck only if another backend then
+          answers the same request; if every backend closes on it, the
+          request is what they refused.
+        """
+        if responseStarted:
+            self._strike(backend)
+        elif not self.bodyDone:
+            log.info(
+                "backend {backend} closed the connection while the client was "
+                "still sending its request body: not counted as a backend failure",
+                backend=backend.address,
+            )
+        elif conn is not None and conn.reused:
+            pass
+        else:
+            self._suspects.append(backend)
+
+    def _strike(self, backend: Backend) -> None:
+        """
+        One failed attempt on C{backend}, the backend's fault: counted, and
+        fed to passive outlier detection.
+        """
+        backend.failures += 1
+        self.forwarder.pool.attemptFinished(backend, False)
+
     # -- IPushProducer, for the client's transport
 
     def pauseProducing(self) -> None:
+        self._clientPaused = True
         if self.conn is not None:
             self.conn.pauseReading()
 
     def resumeProducing(self) -> None:
+        self._clientPaused = False
         if self.conn is not None:
+            call = self._timeoutCall
+            if call is not None:
+                call.reset(self.forwarder.backendTimeout)
             self.conn.resumeReading()
 
     def stopProducing(self) -> None:
@@ -527,8 +606,29 @@ class ProxyExchange:
 
     # -- endings
 
+    def _armIdleTimeout(self) -> None:
+        """
+        The response head is in: from now on the backend may go no longer
+        than C{backendTimeout} without sending the next piece of the body
+        (like nginx's C{proxy_read_timeout}).  The timer of the wait for
+        the head, if any, is reused.
+        """
+        timeout = self.forwarder.backendTimeout
+        call = self._timeoutCall
+        if not timeout:
+            self._cancelTimeout()
+        elif call is not None and call.active():
+            call.reset(timeout)
+        else:
+            self._timeoutCall = self.forwarder.reactor.callLater(
+                timeout, self._timedOut
+            )
+
     def _timedOut(self) -> None:
         self._timeoutCall = None
+        if self.responded:
+            self._bodyTimedOut()
+            return
         backend = self.backend
         conn, self.conn = self.conn, None
         if conn is not None:
@@ -536,14 +636,71 @@ class ProxyExchange:
         self._stopBodyProducer()
         self._releaseBackend()
         if backend is not None:
-            backend.failures += 1
-            self.forwarder.pool.attemptFinished(backend, False)
+            self._strike(backend)
             self.forwarder.pool.observe(backend, self.forwarder.backendTimeout)
+        timeout = self.forwarder.backendTimeout
+        address = backend.address if backend else "?"
+        if (
+            not self._timedOutOnce
+            and self.request.method in IDEMPOTENT
+            and self.replay is not None
+        ):
+            # Like HAProxy's "retry-on response-timeout": the backend may be
+            # frozen.  The request may have reached it and been acted on,
+            # so this is done only for idempotent methods, whose body (if
+            # any) is still held for replay, and only once per request.
+            self._timedOutOnce = True
+            log.info(
+                "backend {backend} sent no response to {method} {target} within "
+                "{timeout}s: idempotent, so trying another backend",
+                backend=address,
+                method=self.request.method.decode("latin-1"),
+                target=self.request.target.decode("latin-1"),
+                timeout=timeout,
+            )
+            self.errors.append(f"{address} sent no response within {timeout:g}s")
+            self.pending = self.replay + self.pending
+            self.pendingSize = sum(len(d) for d in self.pending)
+            self.replay = []
+            self.replaySize = 0
+            self._attempt(None)
+            return
         self._fail(
             504,
-            f"backend {backend.address if backend else '?'} sent no response "
-            f"within {self.forwarder.backendTimeout:g}s",
+            f"backend {address} sent no response within {timeout:g}s",
         )
+
+    def _bodyTimedOut(self) -> None:
+        """
+        The backend sent nothing for C{backendTimeout} in the middle of a
+        response: free the client and the backend connection.  A client
+        too slow to take the body is not the backend's fault: while the
+        client holds the backend paused, the wait starts over.
+        """
+        timeout = self.forwarder.backendTimeout
+        if self._clientPaused:
+            self._timeoutCall = self.forwarder.reactor.callLater(
+                timeout, self._timedOut
+            )
+            return
+        backend = self.backend
+        conn, self.conn = self.conn, None
+        self._stopProducing()
+        if conn is not None:
+            conn.abort()
+        self._releaseBackend()
+        if backend is not None:
+            self._strike(backend)
+        log.warn(
+            "backend {backend} sent no response data for {timeout}s in the middle "
+            "of a response to {method} {target}: both connections aborted",
+            backend=backend.address if backend else "?",
+            timeout=timeout,
+            method=self.request.method.decode("latin-1"),
+            target=self.request.target.decode("latin-1"),
+        )
+        self._finish()
+        self.server.abortResponse()
 
     def _fail(self, status: int, message: str, retryAfter: bool = False) -> None:
         if self.finished:
@@ -569,11 +726,35 @@ class ProxyExchange:
         self.finished = True
         self._cancelTimeout()
         self._releaseBackend()
+        if self._suspects:
+            log.info(
+                "{method} {target} from {peer}: {backends} closed the connection "
+                "on it without an answer, and no other backend answered it well: "
+                "taken as a request they refuse, not counted against them",
+                method=self.request.method.decode("latin-1"),
+                target=self.request.target.decode("latin-1"),
+                peer=self.request.peer,
+                backends=", ".join(b.address for b in self._suspects),
+            )
+            self._suspects = []
         if self.started:
             self.forwarder.inFlight -= 1
-        accessLog = self.forwarder.accessLog
+        forwarder = self.forwarder
+        accessLog = forwarder.accessLog
         if accessLog is not None:
-            accessLog.log(self.request, self.status, self.sentBytes, self.backend)
+            request = self.request
+            client = self.clientKey
+            if client is None:
+                client = clientAddress(request.headers, request.peer, forwarder.trustedProxies)
+            accessLog.log(
+                request,
+                self.status,
+                self.sentBytes,
+                self.backend,
+                client=client,
+                connect=self.connectTime,
+                firstByte=self.firstByteTime,
+            )
 
     def _releaseBackend(self) -> None:
         """
@@ -609,6 +790,16 @@ class ProxyExchange:
         log.failure("unexpected error while forwarding", failure)
         if not self.finished:
             self._fail(502, "internal error while forwarding")
+
+
+def backendFault(status: int) -> bool:
+    """
+    Whether a response with C{status} counts against the backend that sent
+    it.  4xx answers a bad request, and 501 (an unknown method) and 505 (a
+    version) say the same of the request: a client can provoke those at
+    will, so they never count.  Every other 5xx does.
+    """
+    return status >= 500 and status not in (501, 505)
 
 
 def _cookieValue(headers: Any, name: bytes) -> Optional[str]:

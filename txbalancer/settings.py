@@ -155,6 +155,22 @@ def strategy(value: Any, option: str) -> str:
     return value
 
 
+def choice(*names: str) -> Callable[[Any, str], str]:
+    """
+    A coercer accepting one of C{names}.
+    """
+
+    def coerce(value: Any, option: str) -> str:
+        if value not in names:
+            raise ConfigError(
+                f"{option}: {value!r} is not one of: " + ", ".join(names)
+                + didYouMean(str(value), names)
+            )
+        return value
+
+    return coerce
+
+
 def cookieName(value: Any, option: str) -> Optional[str]:
     if value is None:
         return None
@@ -383,8 +399,13 @@ class BalancerConfig:
         "ones get 413 before anything is forwarded. [default: unlimited]")
     accessLog: Optional[str] = setting(
         "access-log", None, optionalText,
-        "Write one line per request (combined format + backend + seconds) "
-        "to this file, '-' for stdout. [default: off]")
+        "Write one line per request to this file, '-' for stdout; SIGUSR1 "
+        "reopens it (for logrotate). [default: off]")
+    accessLogFormat: str = setting(
+        "access-log-format", "combined", choice("combined", "json"),
+        "combined (the combined log format, then the backend, total, "
+        "connect and first-byte seconds and the TCP peer) or json (one "
+        "object per line).")
     drainTimeout: float = setting(
         "drain-timeout", 30.0, seconds,
         "On SIGTERM, seconds to let requests in flight finish before "

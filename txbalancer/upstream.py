@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from txbalancer.backend import Backend
 from txbalancer.framing import (
     BAD_VALUE,
+    CRLF,
     TOKEN,
     ChunkedDecoder,
     FramingError,
@@ -45,7 +46,6 @@ from txbalancer.headers import connectionTokens
 
 log = Logger()
 
-CRLF = b"\r\n"
 MAX_HEAD = 64 * 1024
 
 
