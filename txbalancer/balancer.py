@@ -77,6 +77,7 @@ class PoolRuntime:
         healthClient: Any,
         accessLog: Any,
         cookieSecret: Optional[bytes],
+        tcp: bool = False,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -107,11 +108,15 @@ class PoolRuntime:
                 pool.outliers.returnEarly(backend)
 
         host = config.healthHost
-        self.checker = HealthChecker(
+        checkerClass: Any = HealthChecker
+        if tcp and config.healthPath is None:
+            # -- tcp mode: a pool behind a TCP listener is checked by connect
+            from txbalancer.tcpcheck import TCPConnectChecker as checkerClass
+        self.checker = checkerClass(
             pool.backends,
             healthChanged,
             reactor,
-            path=config.healthPath,
+            path=config.healthPath or "/",
             host=host.encode("idna") if host else None,
             interval=config.healthInterval,
             timeout=config.healthTimeout,
@@ -139,6 +144,7 @@ class PoolRuntime:
             connectTimeout=config.connectTimeout,
             maxIdlePerBackend=config.maxIdlePerBackend,
             idleTimeout=config.upstreamIdleTimeout,
+            proxyProtocol=config.proxyProtocol,
         )
         b = balancerConfig
         self.forwarder = Forwarder(
@@ -257,6 +263,7 @@ class Balancer(MultiService):
         )
         randomness = random if random is not None else _random.Random()
         self.pools: dict[str, PoolRuntime] = {}
+        tcpPools = config.tcpPools()
         for poolConfig in config.pools:
             self.pools[poolConfig.name] = PoolRuntime(
                 poolConfig,
@@ -267,6 +274,7 @@ class Balancer(MultiService):
                 healthClient=healthClient,
                 accessLog=self.accessLog,
                 cookieSecret=cookieSecret,
+                tcp=poolConfig.name in tcpPools,
             )
         self.factories: list[Any] = []
         self.listeners: list[StreamServerEndpointService] = []
@@ -332,6 +340,26 @@ class Balancer(MultiService):
         self.factories.append(factory)
         return factory
 
+    def tcpFactory(self, pool: Optional[str] = None, refuseProxyHeaders: bool = False) -> Any:
+        """
+        A protocol factory for a TCP-mode listener: each connection relayed
+        to one backend of C{pool} (the first pool by default).  Drained when
+        the balancer stops.
+        """
+        from txbalancer.tcpproxy import TCPProxyFactory
+
+        runtime = self.pools[pool] if pool is not None else self.defaultPool
+        factory = TCPProxyFactory(
+            runtime.pool,
+            self.reactor,
+            runtime.upstreams._endpointFor,
+            idleTimeout=self.config.tunnelIdleTimeout,
+            proxyProtocol=runtime.config.proxyProtocol,
+            refuseProxyHeaders=refuseProxyHeaders,
+        )
+        self.factories.append(factory)
+        return factory
+
     def resource(self) -> Any:
         """
         A twisted.web C{IResource} that proxies every request below it: mount
@@ -363,11 +391,24 @@ class Balancer(MultiService):
                     f"cannot listen on {listener.endpoint!r}: {e} (expected a port "
                     "number or a Twisted endpoint such as tcp:8000:interface=127.0.0.1)"
                 ) from None
-            factory = self.serverFactory(secure=listener.secure)
+            # -- tcp mode: the listener's mode and the PROXY headers it reads
+            acceptFrom = listener.acceptProxyProtocol
+            if acceptFrom is None:
+                acceptFrom = config.acceptProxyProtocol
+            if config.listenerMode(listener) == "tcp":
+                factory = self.tcpFactory(listener.pool, refuseProxyHeaders=bool(acceptFrom))
+            else:
+                factory = self.serverFactory(secure=listener.secure)
             if listener.secure:
                 from twisted.protocols.tls import TLSMemoryBIOFactory
 
                 factory = TLSMemoryBIOFactory(serverTLS[listener.tls], False, factory)
+            if acceptFrom:
+                from txbalancer.acceptproxy import AcceptProxyFactory
+
+                factory = AcceptProxyFactory(
+                    factory, acceptFrom, self.reactor, timeout=config.clientTimeout
+                )
             self.listenOn(endpoint, factory)
 
     def listenOn(self, endpoint: Any, factory: Any) -> StreamServerEndpointService:

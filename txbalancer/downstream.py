@@ -100,6 +100,7 @@ class Request:
         "peer",
         "secure",
         "received",
+        "addresses",
     )
 
     def __init__(self) -> None:
@@ -118,6 +119,8 @@ class Request:
         self.peer = ""
         self.secure = False
         self.received = 0.0
+        # (peer, host) IAddress of the client connection (for PROXY headers)
+        self.addresses: Any = None
 
     @property
     def hasBody(self) -> bool:
@@ -277,6 +280,7 @@ class HTTPServerProtocol(Protocol):
         self._again = False
         self._clientCert: Any = False
         self.peer = ""
+        self.addresses: Any = None
         self.secure = False
 
     # -- connection life
@@ -286,6 +290,7 @@ class HTTPServerProtocol(Protocol):
         factory.connections.add(self)
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", "") or ""
+        self.addresses = (peer, self.transport.getHost())
         self.secure = factory.secure
         self._armTimeout()
 
@@ -447,6 +452,7 @@ class HTTPServerProtocol(Protocol):
     def _headReceived(self, request: Request) -> None:
         factory = self.factory
         request.peer = self.peer
+        request.addresses = self.addresses
         request.secure = self.secure
         if self.secure and factory.clientCertificates:
             # The handshake is over by the first request: read the

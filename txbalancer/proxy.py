@@ -164,6 +164,7 @@ class ProxyExchange:
         self._sentAt = 0.0
         self.clientKey: Optional[str] = None
         self.cookieValue: Optional[str] = None
+        self.proxyHeader = b""  # -- tcp mode: the PROXY header, if sent
 
     # -- from the client side
 
@@ -180,6 +181,10 @@ class ProxyExchange:
         if forwarder.redirectHttps and not request.secure:
             self._redirectToHttps()
             return
+        if forwarder.upstreams.proxyProtocol:
+            self.proxyHeader = forwarder.upstreams.proxyHeaderFor(
+                getattr(request, "addresses", None)
+            )
         if forwarder.needsClientKey:
             self.clientKey = clientAddress(
                 request.headers, request.peer, forwarder.trustedProxies
@@ -190,7 +195,9 @@ class ProxyExchange:
                 backend = forwarder.pool.backendForCookie(self.cookieValue)
                 if backend is not None:
                     self.tried.add(backend)
-                    self._attempt(backend, forwarder.upstreams.takeIdle(backend))
+                    self._attempt(
+                        backend, forwarder.upstreams.takeIdle(backend, self.proxyHeader)
+                    )
                     return
         self._attempt(None)
 
@@ -257,7 +264,7 @@ class ProxyExchange:
                     )
                 return
             self.tried.add(backend)
-            conn = forwarder.upstreams.takeIdle(backend)
+            conn = forwarder.upstreams.takeIdle(backend, self.proxyHeader)
         else:
             backend = chosen
         self.backend = backend
@@ -266,7 +273,7 @@ class ProxyExchange:
         if conn is not None:
             self._connected(conn)
             return
-        d = forwarder.upstreams.connect(backend)
+        d = forwarder.upstreams.connect(backend, self.proxyHeader)
         self._connecting = d
         d.addCallbacks(self._connected, self._connectFailed, errbackArgs=(backend,))
         d.addErrback(self._bug)
