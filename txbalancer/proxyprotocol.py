@@ -72,7 +72,9 @@ def encodeV1(source: Any, destination: Any) -> bytes:
     """
     pair = _pair(source, destination)
     if pair is None:
-        return b"PROXY UNKNOWN\r\n"
+        # The space is allowed (receivers skip to the CRLF) and needed by
+        # Twisted's parser, which the balancer's own listeners use.
+        return b"PROXY UNKNOWN \r\n"
     sip, sport, dip, dport = pair
     family = b"TCP4" if sip.version == 4 else b"TCP6"
     return b"PROXY %s %s %s %d %d\r\n" % (
