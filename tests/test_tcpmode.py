@@ -484,3 +484,65 @@ class WiringTests(SynchronousTestCase):
                 listeners=[ListenerConfig("tcp:0", mode="tcp", pool="db")],
             )
         self.assertIn("'db'", str(e.exception))
+
+
+class CommandLineTests(SynchronousTestCase):
+    def _options(self, *args):
+        import tempfile
+
+        from txbalancer.tap import Options
+
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/backends.txt"
+            with open(path, "w") as f:
+                f.write("127.0.0.1:3001\n")
+            options = Options()
+            options.parseOptions(["--backends", path, *args])
+            return options["config"]
+
+    def test_tcp_options(self) -> None:
+        """--mode, --proxy-protocol, --accept-proxy-protocol and --tunnel-idle-timeout reach the config."""
+        config = self._options(
+            "--mode", "tcp", "--proxy-protocol", "v2",
+            "--accept-proxy-protocol", "10.0.0.0/8,192.0.2.1", "--tunnel-idle-timeout", "60",
+        )
+        self.assertEqual(config.mode, "tcp")
+        self.assertEqual(config.pools[0].proxyProtocol, "v2")
+        self.assertEqual([str(n) for n in config.acceptProxyProtocol], ["10.0.0.0/8", "192.0.2.1/32"])
+        self.assertEqual(config.tunnelIdleTimeout, 60.0)
+        self.assertEqual(config.tcpPools(), frozenset(["default"]))
+
+    def test_bad_values_are_usage_errors(self) -> None:
+        """A bad mode or PROXY version is refused with the option's name."""
+        from twisted.python.usage import UsageError
+
+        for args, word in ((("--mode", "udp"), "--mode"), (("--proxy-protocol", "v3"), "--proxy-protocol")):
+            with self.assertRaises(UsageError) as e:
+                self._options(*args)
+            self.assertIn(word, str(e.exception))
+
+    def test_defaults(self) -> None:
+        """Without the options: HTTP mode, no PROXY headers, an hour of tunnel idle time."""
+        config = self._options()
+        self.assertEqual((config.mode, config.pools[0].proxyProtocol, config.acceptProxyProtocol),
+                         ("http", None, ()))
+        self.assertEqual(config.tunnelIdleTimeout, 3600.0)
+        self.assertEqual(config.tcpPools(), frozenset())
+
+
+class DrainTests(SynchronousTestCase):
+    def test_drain_waits_then_closes(self) -> None:
+        """On stop, relayed connections get the drain timeout, then are closed."""
+        reactor, pool, endpoints, factory = relay("127.0.0.1:1")
+        proto, ct = client(factory)
+        bproto, bt = endpoints["127.0.0.1:1"].accept()
+        d = factory.drain(5)
+        reactor.advance(4)
+        self.assertNoResult(d)
+        self.assertFalse(ct.disconnecting)
+        reactor.advance(1)
+        self.assertTrue(ct.disconnecting and bt.disconnecting)
+        ct.deliverLoss()
+        bt.deliverLoss()
+        self.successResultOf(d)
+        self.assertEqual(reactor.getDelayedCalls(), [])

@@ -402,7 +402,10 @@ class Balancer(MultiService):
             if listener.secure:
                 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-                factory = TLSMemoryBIOFactory(serverTLS[listener.tls], False, factory)
+                tcp = config.listenerMode(listener) == "tcp"
+                factory = TLSMemoryBIOFactory(
+                    serverTLS[(listener.tls, tcp)], False, factory
+                )
             if acceptFrom:
                 from txbalancer.acceptproxy import AcceptProxyFactory
 
@@ -433,13 +436,16 @@ class Balancer(MultiService):
         alpn = (b"h2", b"http/1.1") if config.http2 else (b"http/1.1",)
         contexts: dict[Any, Any] = {}
         for listener in config.listeners:
-            if listener.secure and listener.tls not in contexts:
-                contexts[listener.tls] = ServerTLS(
+            # -- tcp mode: a TCP-mode TLS listener offers no ALPN protocol
+            tcp = config.listenerMode(listener) == "tcp"
+            key = (listener.tls, tcp)
+            if listener.secure and key not in contexts:
+                contexts[key] = ServerTLS(
                     [listener.tls],
                     certDir=config.tlsCertDir,
                     clientCA=config.tlsClientCa,
                     clientOptional=config.tlsClientOptional,
-                    alpn=alpn,
+                    alpn=() if tcp else alpn,
                 )
         self.serverTLS = list(contexts.values())
         return contexts

@@ -274,3 +274,34 @@ def test_pending_connect_and_timeout(balancer):
     with connect(lb.port) as sock:
         assert read_all(sock) == b""
     lb.wait_for_log("no backend could be reached", 10)
+
+
+def test_tls_listener_relays_plain_tcp(tcpbackend, balancer, tmp_path):
+    """A TLS listener in TCP mode terminates TLS and relays the plain bytes (like stunnel)."""
+    import ssl
+
+    from test_tls import PKI  # tests/ is on sys.path
+
+    from .support import accepts, wait_for
+
+    spec = PKI(str(tmp_path)).server("db", "db.example")
+    echo = tcpbackend("--banner", "plain {port}")
+    tls_port = free_port()
+    lb = balancer(
+        [echo], "--mode", "tcp",
+        "--tls", f"{tls_port}:cert={spec.cert}:key={spec.key}:interface={HOST}",
+    )
+    wait_for(lambda: accepts(tls_port), 10, "the TLS listener")
+    ctx = ssl.create_default_context(cafile=spec.cert)
+    raw = socket.create_connection((HOST, tls_port), timeout=15)
+    with raw, ctx.wrap_socket(raw, server_hostname="db.example") as s:
+        assert read_line(s) == f"plain {echo.port}\n".encode()
+        payload = os.urandom(200000)
+        s.sendall(payload)
+        back = b""
+        while len(back) < len(payload):
+            chunk = s.recv(65536)
+            assert chunk, len(back)
+            back += chunk
+        assert back == payload
+        assert s.selected_alpn_protocol() is None
