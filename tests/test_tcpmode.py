@@ -216,8 +216,15 @@ class TCPRelayTests(SynchronousTestCase):
         self.assertEqual(ct.producerState, "producing")
 
     def test_refused_connect_moves_to_next_backend(self) -> None:
-        """A refused connect counts as a failure and the next backend gets the client."""
+        """A refused connect counts as a failure (for passive ejection too) and the next backend gets the client."""
         reactor, pool, endpoints, factory = relay("127.0.0.1:1", "127.0.0.1:2")
+        recorded = []
+
+        class Outliers:
+            def record(self, backend, ok, total):
+                recorded.append((backend.address, ok))
+
+        pool.outliers = Outliers()
         proto, ct = client(factory)
         first = pool.backends[0]
         endpoints["127.0.0.1:1"].refuse()
@@ -227,6 +234,8 @@ class TCPRelayTests(SynchronousTestCase):
         proto.dataReceived(b"hi")
         self.assertEqual(bt.value(), b"hi")
         self.assertEqual(pool.backends[1].active, 1)
+        # Passive ejection hears of both: the failure and the success.
+        self.assertEqual(recorded, [("127.0.0.1:1", False), ("127.0.0.1:2", True)])
 
     def test_all_refused_closes_client(self) -> None:
         """When every backend refuses, the client is closed and nothing stays in flight."""
