@@ -555,3 +555,31 @@ class DrainTests(SynchronousTestCase):
         bt.deliverLoss()
         self.successResultOf(d)
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class ProxyCheckTests(SynchronousTestCase):
+    def test_probe_sends_local_header(self) -> None:
+        """A pool sending the PROXY protocol is checked by connects that send a LOCAL header."""
+        reactor = MemoryReactorClock()
+        pool = BackendPool(backendSpecs("127.0.0.1:1"), RoundRobin())
+        endpoints = {}
+        checker = TCPConnectChecker(
+            pool.backends, lambda *a: None, reactor,
+            endpointFor=lambda r, b, t: endpoints.setdefault(b.address, FakeEndpoint(b)),
+            proxyProtocol="v2", interval=1, jitter=lambda: 0,
+        )
+        checker.startService()
+        reactor.advance(0)
+        proto, transport = endpoints["127.0.0.1:1"].accept()
+        from twisted.protocols.haproxy._v2parser import V2Parser
+
+        info, rest = V2Parser().feed(transport.value())
+        self.assertIsNone(info.source)
+        self.assertEqual(rest, b"")
+        checker.stopService()
+
+    def test_http_pool_with_proxy_protocol_checked_by_connect(self) -> None:
+        """An HTTP-mode pool with --proxy-protocol and no health path gets TCP checks."""
+        balancer = Balancer(["127.0.0.1:3001"], reactor=MemoryReactorClock(),
+                            proxyProtocol="v1", healthClient=object())
+        self.assertIsInstance(balancer.defaultPool.checker, TCPConnectChecker)

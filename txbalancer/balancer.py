@@ -109,13 +109,18 @@ class PoolRuntime:
 
         host = config.healthHost
         checkerClass: Any = HealthChecker
-        if tcp and config.healthPath is None:
-            # -- tcp mode: a pool behind a TCP listener is checked by connect
+        checkerOptions: dict[str, Any] = {}
+        if (tcp or config.proxyProtocol) and config.healthPath is None:
+            # -- tcp mode: a pool behind a TCP listener, or whose backends
+            # expect a PROXY header, is checked by TCP connect.
             from txbalancer.tcpcheck import TCPConnectChecker as checkerClass
+
+            checkerOptions["proxyProtocol"] = config.proxyProtocol
         self.checker = checkerClass(
             pool.backends,
             healthChanged,
             reactor,
+            **checkerOptions,
             path=config.healthPath or "/",
             host=host.encode("idna") if host else None,
             interval=config.healthInterval,

@@ -6,8 +6,10 @@ once, without a byte sent).
 L{TCPConnectChecker} is a L{txbalancer.health.HealthChecker} whose probe is
 a connect instead of C{GET path}: the same rise and fall, intervals,
 jitter, state machine, drains and ejections.  The balancer uses it for the
-pools that TCP-mode listeners send to, unless C{--health-path} is given
-(then those pools are checked over HTTP like any other).
+pools that TCP-mode listeners send to, and for pools that send the PROXY
+protocol (their backends may refuse a check without a header), unless
+C{--health-path} is given (then those pools are checked over HTTP like any
+other, without a PROXY header).
 """
 
 from __future__ import annotations
@@ -24,18 +26,29 @@ from twisted.internet.endpoints import (
 from twisted.internet.protocol import Factory, Protocol
 
 from txbalancer.health import HealthChecker
+from txbalancer.proxyprotocol import encode
 
 __all__ = ["TCPConnectChecker"]
 
 
 class _Probe(Protocol):
+    def __init__(self, header: bytes) -> None:
+        self.header = header
+
     def connectionMade(self) -> None:
+        if self.header:
+            self.transport.write(self.header)
         self.transport.loseConnection()
 
 
 class _ProbeFactory(Factory):
     noisy = False
-    protocol = _Probe
+
+    def __init__(self, header: bytes) -> None:
+        self.header = header
+
+    def buildProtocol(self, addr: Any) -> _Probe:
+        return _Probe(self.header)
 
 
 def _defaultEndpoint(reactor: Any, backend: Any, timeout: float) -> Any:
@@ -57,6 +70,9 @@ class TCPConnectChecker(HealthChecker):
     @param endpointFor: C{endpointFor(reactor, backend, timeout)} gives the
         client endpoint probed; TCP to the backend's host and port by
         default.
+    @param proxyProtocol: C{"v1"} or C{"v2"} for backends that expect a
+        PROXY header: each probe sends one for an unknown origin (v1
+        C{UNKNOWN}, v2 C{LOCAL}: "a check, not a client") before closing.
     """
 
     def __init__(
@@ -66,17 +82,19 @@ class TCPConnectChecker(HealthChecker):
         reactor: Any,
         *,
         endpointFor: Optional[Callable[[Any, Any, float], Any]] = None,
+        proxyProtocol: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("client", None)
         HealthChecker.__init__(self, backends, onChange, reactor, **kwargs)
         self._endpointFor = endpointFor or _defaultEndpoint
+        self._header = encode(proxyProtocol, None, None) if proxyProtocol else b""
         # Not an HTTP client: it only keeps the base class from building one.
         self._client = self
 
     def _request(self, backend: Any) -> Deferred[Any]:
         endpoint = self._endpointFor(self._reactor, backend, self.timeout)
-        return endpoint.connect(_ProbeFactory())
+        return endpoint.connect(_ProbeFactory(self._header))
 
     def _judge(self, connected: Any) -> Deferred[tuple[str, str]]:
         return succeed(("up", "TCP connect"))
