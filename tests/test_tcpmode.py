@@ -583,3 +583,29 @@ class ProxyCheckTests(SynchronousTestCase):
         balancer = Balancer(["127.0.0.1:3001"], reactor=MemoryReactorClock(),
                             proxyProtocol="v1", healthClient=object())
         self.assertIsInstance(balancer.defaultPool.checker, TCPConnectChecker)
+
+
+class PendingBackpressureTests(SynchronousTestCase):
+    def test_kept_bytes_filling_backend_keep_client_paused(self) -> None:
+        """If the bytes kept while connecting fill the backend's buffer, the client stays paused."""
+        reactor, pool, endpoints, factory = relay("127.0.0.1:1", pendingLimit=10)
+        proto, ct = client(factory)
+        proto.dataReceived(b"x" * 100)
+        self.assertEqual(ct.producerState, "paused")
+        endpoint = endpoints["127.0.0.1:1"]
+        f, d = endpoint.pending.pop(0)
+        bproto = f.buildProtocol(None)
+        bt = Transport()
+        bt.protocol = bproto
+        bproto.makeConnection(bt)
+        original = bt.write
+
+        def write(data):
+            original(data)
+            # The backend's buffer is full: Twisted pauses its producer.
+            bt.producer.pauseProducing()
+
+        bt.write = write
+        d.callback(bproto)
+        self.assertEqual(bt.value(), b"x" * 100)
+        self.assertEqual(ct.producerState, "paused")

@@ -221,6 +221,11 @@ class TCPProxyProtocol(Protocol):
             return
         factory.pool.attemptFinished(backend, True)
         self._state = "relaying"
+        if self._pausedForConnect:
+            # Before the kept bytes are written: if they fill the backend's
+            # buffer, the tunnel's backpressure pauses the client again.
+            self._pausedForConnect = False
+            self.transport.resumeProducing()
         backendTransport = side.transport
         if factory.proxyProtocol:
             backendTransport.write(
@@ -243,9 +248,6 @@ class TCPProxyProtocol(Protocol):
         for data in pending:
             tunnel.dataReceived(A, data)
         side.attach(tunnel, B)
-        if self._pausedForConnect:
-            self._pausedForConnect = False
-            self.transport.resumeProducing()
         if self._clientEOF:
             tunnel.readConnectionLost(A)
 

@@ -17,6 +17,8 @@ one side of a tunnel (TCP mode's backend connections).  A front end that
 becomes a tunnel part way (an HTTP server protocol after
 C{101 Switching Protocols}) keeps its own protocol and forwards these three
 calls; bytes it already read past the upgrade go in with C{dataReceived}.
+Neither transport may have a producer registered when the tunnel is made
+(the tunnel registers its own), and neither may be paused by anyone else.
 
 What the tunnel guarantees:
 
