@@ -361,6 +361,7 @@ class Balancer(MultiService):
             idleTimeout=self.config.tunnelIdleTimeout,
             proxyProtocol=runtime.config.proxyProtocol,
             refuseProxyHeaders=refuseProxyHeaders,
+            needsClientKey=runtime.config.strategy == "ip-hash",
         )
         self.factories.append(factory)
         return factory

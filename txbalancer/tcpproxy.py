@@ -110,7 +110,8 @@ class TCPProxyProtocol(Protocol):
         factory.connections.add(self)
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", "") or ""
-        self.key = normalizeAddress(self.peer) if self.peer else None
+        if factory.needsClientKey and self.peer:
+            self.key = normalizeAddress(self.peer)
         self._sniffing = factory.refuseProxyHeaders
         self._connectNext()
 
@@ -294,6 +295,8 @@ class TCPProxyFactory(Factory):
     @param idleTimeout: C{--tunnel-idle-timeout}.
     @param proxyProtocol: C{"v1"}, C{"v2"} or L{None}: the PROXY header sent
         first on each backend connection.
+    @param needsClientKey: whether the strategy hashes the client's
+        address (ip-hash); others are spared working it out.
     @param refuseProxyHeaders: close a client whose first bytes are a PROXY
         header (the listener accepts them from listed peers only, which
         never reach this check).
@@ -312,6 +315,7 @@ class TCPProxyFactory(Factory):
         proxyProtocol: Optional[str] = None,
         refuseProxyHeaders: bool = False,
         pendingLimit: int = PENDING_LIMIT,
+        needsClientKey: bool = True,
     ) -> None:
         self.pool = pool
         self.reactor = reactor
@@ -321,6 +325,7 @@ class TCPProxyFactory(Factory):
         self.proxyProtocol = proxyProtocol
         self.refuseProxyHeaders = refuseProxyHeaders
         self.pendingLimit = pendingLimit
+        self.needsClientKey = needsClientKey
         self.connections: set[TCPProxyProtocol] = set()
 
     def endpointFor(self, backend: Any) -> Any:
