@@ -57,7 +57,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_listening(port: int, proc: subprocess.Popen, what: str, timeout: float = 15) -> None:
+def wait_listening(
+    port: int, proc: subprocess.Popen, what: str, timeout: float = 15
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -86,15 +88,21 @@ def stop(proc: subprocess.Popen) -> None:
 def start(args: list[str], logPath: str, cwd: str) -> subprocess.Popen:
     with open(logPath, "wb") as out:
         return subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            cwd=cwd, start_new_session=True,
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
         )
 
 
 def startBackend(tmp: str, n: int) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
-        [sys.executable, BACKEND, "0"], stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL, start_new_session=True,
+        [sys.executable, BACKEND, "0"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     line = proc.stdout.readline()
     if not line.startswith(b"listening "):
@@ -110,15 +118,26 @@ def txbalancer(port: int, backends: list[int], tmp: str, twistd: str) -> list[st
     path = os.path.join(tmp, "backends.txt")
     with open(path, "w") as f:
         f.write("".join(f"{HOST}:{b}\n" for b in backends))
-    return [twistd, "-n", "--pidfile=", "balancer", "--mode", "tcp",
-            "--port", f"tcp:{port}:interface={HOST}", "--backends", path]
+    return [
+        twistd,
+        "-n",
+        "--pidfile=",
+        "balancer",
+        "--mode",
+        "tcp",
+        "--port",
+        f"tcp:{port}:interface={HOST}",
+        "--backends",
+        path,
+    ]
 
 
 def haproxy(port: int, backends: list[int], tmp: str, twistd: str) -> list[str]:
     servers = "\n".join(f"    server b{i} {HOST}:{b}" for i, b in enumerate(backends))
     path = os.path.join(tmp, "haproxy.cfg")
     with open(path, "w") as f:
-        f.write(textwrap.dedent(f"""\
+        f.write(
+            textwrap.dedent(f"""\
             global
                 maxconn 4096
                 nbthread 1
@@ -132,7 +151,10 @@ def haproxy(port: int, backends: list[int], tmp: str, twistd: str) -> list[str]:
                 default_backend back
             backend back
                 balance roundrobin
-            """) + servers + "\n")
+            """)
+            + servers
+            + "\n"
+        )
     return [shutil.which("haproxy"), "-db", "-f", path]
 
 
@@ -142,7 +164,9 @@ def nginx(port: int, backends: list[int], tmp: str, twistd: str) -> list[str]:
     load = f"load_module {module};\n" if os.path.exists(module) else ""
     path = os.path.join(tmp, "nginx.conf")
     with open(path, "w") as f:
-        f.write(load + textwrap.dedent(f"""\
+        f.write(
+            load
+            + textwrap.dedent(f"""\
             worker_processes 1;
             daemon off;
             pid {tmp}/nginx.pid;
@@ -150,15 +174,26 @@ def nginx(port: int, backends: list[int], tmp: str, twistd: str) -> list[str]:
             events {{ worker_connections 4096; }}
             stream {{
                 upstream back {{
-            """) + servers + textwrap.dedent(f"""
+            """)
+            + servers
+            + textwrap.dedent(f"""
                 }}
                 server {{
                     listen {HOST}:{port};
                     proxy_pass back;
                 }}
             }}
-            """))
-    return [shutil.which("nginx"), "-c", path, "-p", tmp, "-e", f"{tmp}/nginx-error.log"]
+            """)
+        )
+    return [
+        shutil.which("nginx"),
+        "-c",
+        path,
+        "-p",
+        tmp,
+        "-e",
+        f"{tmp}/nginx-error.log",
+    ]
 
 
 BUILDERS = {"txbalancer": txbalancer, "haproxy": haproxy, "nginx": nginx}
@@ -203,7 +238,9 @@ async def _loop(port: int, payload: bytes, concurrency: int, seconds: float) -> 
     return done
 
 
-def measure(port: int, payload: bytes, concurrency: int, seconds: float, warmup: float) -> float:
+def measure(
+    port: int, payload: bytes, concurrency: int, seconds: float, warmup: float
+) -> float:
     asyncio.run(_loop(port, payload, concurrency, warmup))
     started = time.monotonic()
     done = asyncio.run(_loop(port, payload, concurrency, seconds))
@@ -232,8 +269,15 @@ def table(results: dict[str, tuple[float, float]]) -> tuple[str, str]:
     rows = []
     for name, (cps, mbps) in results.items():
         if base:
-            rows.append((name, f"{cps:,.0f}", f"{cps / base[0]:.2f}",
-                         f"{mbps:,.0f}", f"{mbps / base[1]:.2f}"))
+            rows.append(
+                (
+                    name,
+                    f"{cps:,.0f}",
+                    f"{cps / base[0]:.2f}",
+                    f"{mbps:,.0f}",
+                    f"{mbps / base[1]:.2f}",
+                )
+            )
         else:
             rows.append((name, f"{cps:,.0f}", "-", f"{mbps:,.0f}", "-"))
     head = ("target", "connections/s", "ratio", "MB/s (1 MiB echo)", "ratio")
@@ -254,7 +298,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--only", default=",".join(TARGETS))
-    parser.add_argument("--twistd", default=os.path.join(os.path.dirname(sys.executable), "twistd"))
+    parser.add_argument(
+        "--twistd", default=os.path.join(os.path.dirname(sys.executable), "twistd")
+    )
     options = parser.parse_args()
     targets = [t for t in options.only.split(",") if t]
     tmp = tempfile.mkdtemp(prefix="txbalancer-tcpbench-")
@@ -280,10 +326,24 @@ def main() -> int:
                 if not intact(port):
                     log(f"{target}: 1 MiB did not come back intact, skipped")
                     continue
-                cps = measure(port, b"ping\n", options.concurrency, options.duration, options.warmup)
-                echoes = measure(port, os.urandom(MIB), options.streams, options.duration, options.warmup)
+                cps = measure(
+                    port,
+                    b"ping\n",
+                    options.concurrency,
+                    options.duration,
+                    options.warmup,
+                )
+                echoes = measure(
+                    port,
+                    os.urandom(MIB),
+                    options.streams,
+                    options.duration,
+                    options.warmup,
+                )
                 results[target] = (cps, echoes * MIB / 1e6)
-                log(f"{target}: {cps:,.0f} connections/s, {echoes * MIB / 1e6:,.0f} MB/s")
+                log(
+                    f"{target}: {cps:,.0f} connections/s, {echoes * MIB / 1e6:,.0f} MB/s"
+                )
             except Exception as e:
                 log(f"{target}: failed: {e}")
             finally:
@@ -293,11 +353,15 @@ def main() -> int:
         for proc, _ in backends:
             stop(proc)
     md, rst = table(results)
-    print(f"{datetime.date.today()} {platform.node()} {platform.machine()} "
-          f"{os.cpu_count()} cores, Python {platform.python_version()} "
-          f"({platform.python_implementation()})")
-    print(f"python bench/tcp.py --duration {options.duration:g} --warmup {options.warmup:g} "
-          f"--concurrency {options.concurrency} --streams {options.streams}")
+    print(
+        f"{datetime.date.today()} {platform.node()} {platform.machine()} "
+        f"{os.cpu_count()} cores, Python {platform.python_version()} "
+        f"({platform.python_implementation()})"
+    )
+    print(
+        f"python bench/tcp.py --duration {options.duration:g} --warmup {options.warmup:g} "
+        f"--concurrency {options.concurrency} --streams {options.streams}"
+    )
     print()
     print(md)
     print()

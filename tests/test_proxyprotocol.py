@@ -7,16 +7,17 @@ for the same client connection.
 
 from __future__ import annotations
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.trial.unittest import SynchronousTestCase
 
+from txbalancer.backend import Backend
 from txbalancer.proxyprotocol import encode, encodeV1, encodeV2
 from txbalancer.testing import backendSpecs
-from txbalancer.backend import Backend
 from txbalancer.upstream import UpstreamPool
 
 ports = st.integers(0, 65535)
@@ -34,14 +35,18 @@ class RoundTripTests(SynchronousTestCase):
     @given(ipv4, ports, ipv4, ports)
     def test_v1_ipv4(self, s, sp, d, dp) -> None:
         """Twisted's v1 parser reads back the IPv4 addresses and ports encoded."""
-        info = parsed(encodeV1(IPv4Address("TCP", s, sp), IPv4Address("TCP", d, dp)), V1Parser)
+        info = parsed(
+            encodeV1(IPv4Address("TCP", s, sp), IPv4Address("TCP", d, dp)), V1Parser
+        )
         self.assertEqual((info.source.host, info.source.port), (s, sp))
         self.assertEqual((info.destination.host, info.destination.port), (d, dp))
 
     @given(ipv4, ports, ipv4, ports)
     def test_v2_ipv4(self, s, sp, d, dp) -> None:
         """Twisted's v2 parser reads back the IPv4 addresses and ports encoded."""
-        info = parsed(encodeV2(IPv4Address("TCP", s, sp), IPv4Address("TCP", d, dp)), V2Parser)
+        info = parsed(
+            encodeV2(IPv4Address("TCP", s, sp), IPv4Address("TCP", d, dp)), V2Parser
+        )
         self.assertEqual((info.source.host, info.source.port), (s, sp))
         self.assertEqual((info.destination.host, info.destination.port), (d, dp))
 
@@ -51,15 +56,24 @@ class RoundTripTests(SynchronousTestCase):
         import ipaddress
 
         for encoder, parser in ((encodeV1, V1Parser), (encodeV2, V2Parser)):
-            info = parsed(encoder(IPv6Address("TCP", s, sp), IPv6Address("TCP", d, dp)), parser)
-            self.assertEqual(ipaddress.ip_address(info.source.host), ipaddress.ip_address(s))
-            self.assertEqual(ipaddress.ip_address(info.destination.host), ipaddress.ip_address(d))
+            info = parsed(
+                encoder(IPv6Address("TCP", s, sp), IPv6Address("TCP", d, dp)), parser
+            )
+            self.assertEqual(
+                ipaddress.ip_address(info.source.host), ipaddress.ip_address(s)
+            )
+            self.assertEqual(
+                ipaddress.ip_address(info.destination.host), ipaddress.ip_address(d)
+            )
             self.assertEqual((info.source.port, info.destination.port), (sp, dp))
 
     def test_v1_exact_text(self) -> None:
         """The v1 header is the documented line."""
         self.assertEqual(
-            encodeV1(IPv4Address("TCP", "192.0.2.1", 5555), IPv4Address("TCP", "10.0.0.1", 443)),
+            encodeV1(
+                IPv4Address("TCP", "192.0.2.1", 5555),
+                IPv4Address("TCP", "10.0.0.1", 443),
+            ),
             b"PROXY TCP4 192.0.2.1 10.0.0.1 5555 443\r\n",
         )
 
@@ -67,7 +81,9 @@ class RoundTripTests(SynchronousTestCase):
         """An IPv4 client on an IPv6 listener is sent as an IPv4-mapped IPv6 address."""
         import ipaddress
 
-        header = encodeV1(IPv4Address("TCP", "192.0.2.1", 1), IPv6Address("TCP", "::1", 2))
+        header = encodeV1(
+            IPv4Address("TCP", "192.0.2.1", 1), IPv6Address("TCP", "::1", 2)
+        )
         self.assertTrue(header.startswith(b"PROXY TCP6 "))
         info = parsed(header, V1Parser)
         self.assertEqual(
@@ -116,6 +132,8 @@ class UpstreamReuseTests(SynchronousTestCase):
         """Without proxy-protocol no header is made."""
         pool = UpstreamPool(MemoryReactorClock())
         self.assertEqual(
-            pool.proxyHeaderFor((IPv4Address("TCP", "1.2.3.4", 1), IPv4Address("TCP", "1.2.3.4", 2))),
+            pool.proxyHeaderFor(
+                (IPv4Address("TCP", "1.2.3.4", 1), IPv4Address("TCP", "1.2.3.4", 2))
+            ),
             b"",
         )

@@ -43,7 +43,10 @@ def tunnelOf(idleTimeout=3600.0):
     a, b = Transport(), Transport()
     closed = []
     tunnel = Tunnel(
-        a, b, reactor, idleTimeout=idleTimeout,
+        a,
+        b,
+        reactor,
+        idleTimeout=idleTimeout,
         onClose=lambda t, side, reason: closed.append(side),
     )
     return reactor, a, b, tunnel, closed
@@ -153,7 +156,9 @@ class FakeEndpoint:
 
     def accept(self):
         factory, d = self.pending.pop(0)
-        proto = factory.buildProtocol(IPv4Address("TCP", self.backend.host, self.backend.port))
+        proto = factory.buildProtocol(
+            IPv4Address("TCP", self.backend.host, self.backend.port)
+        )
         transport = Transport(self.backend.host, self.backend.port)
         transport.protocol = proto
         proto.makeConnection(transport)
@@ -297,7 +302,9 @@ class TCPRelayTests(SynchronousTestCase):
     def test_proxy_header_first(self) -> None:
         """With proxy-protocol, the backend's first bytes are the header naming the client."""
         for version, encoder in (("v1", encodeV1), ("v2", encodeV2)):
-            reactor, pool, endpoints, factory = relay("127.0.0.1:1", proxyProtocol=version)
+            reactor, pool, endpoints, factory = relay(
+                "127.0.0.1:1", proxyProtocol=version
+            )
             proto, ct = client(factory, "198.51.100.9", 51234)
             proto.dataReceived(b"hello")
             bproto, bt = endpoints["127.0.0.1:1"].accept()
@@ -306,7 +313,9 @@ class TCPRelayTests(SynchronousTestCase):
 
     def test_unlisted_peer_sending_proxy_header_is_refused(self) -> None:
         """With accept-proxy-protocol set, a header from an unlisted peer closes its connection."""
-        reactor, pool, endpoints, factory = relay("127.0.0.1:1", refuseProxyHeaders=True)
+        reactor, pool, endpoints, factory = relay(
+            "127.0.0.1:1", refuseProxyHeaders=True
+        )
         proto, ct = client(factory)
         proto.dataReceived(b"PRO")
         proto.dataReceived(b"XY TCP4 1.2.3.4 5.6.7.8 1 2\r\n")
@@ -359,7 +368,9 @@ class RecorderFactory:
 def accepting(peer="10.0.0.5"):
     reactor = MemoryReactorClock()
     inner = RecorderFactory()
-    factory = AcceptProxyFactory(inner, parse_cidrs("10.0.0.0/8", "test"), reactor, timeout=5)
+    factory = AcceptProxyFactory(
+        inner, parse_cidrs("10.0.0.0/8", "test"), reactor, timeout=5
+    )
     proto = factory.buildProtocol(IPv4Address("TCP", peer, 40000))
     transport = Transport(peer, 40000)
     proto.makeConnection(transport)
@@ -381,7 +392,9 @@ class AcceptProxyTests(SynchronousTestCase):
     def test_v2_header_names_the_client(self) -> None:
         """A v2 header read in small pieces gives the client's address."""
         reactor, inner, proto, transport = accepting()
-        header = encodeV2(IPv4Address("TCP", "192.0.2.7", 4242), IPv4Address("TCP", "10.1.1.1", 80))
+        header = encodeV2(
+            IPv4Address("TCP", "192.0.2.7", 4242), IPv4Address("TCP", "10.1.1.1", 80)
+        )
         for i in range(len(header)):
             proto.dataReceived(header[i : i + 1])
         proto.dataReceived(b"rest")
@@ -450,8 +463,9 @@ class WiringTests(SynchronousTestCase):
     def test_tcp_listener_and_tcp_checks(self) -> None:
         """--mode tcp listens with the relay and checks its pool by TCP connect."""
         reactor = MemoryReactorClock()
-        balancer = Balancer(["127.0.0.1:3001"], reactor=reactor, mode="tcp",
-                            healthClient=object())
+        balancer = Balancer(
+            ["127.0.0.1:3001"], reactor=reactor, mode="tcp", healthClient=object()
+        )
         balancer.listen()
         self.assertIsInstance(balancer.defaultPool.checker, TCPConnectChecker)
         self.assertIsInstance(balancer.factories[0], TCPProxyFactory)
@@ -459,8 +473,13 @@ class WiringTests(SynchronousTestCase):
     def test_health_path_keeps_http_checks(self) -> None:
         """A health path given explicitly keeps HTTP checks in TCP mode."""
         reactor = MemoryReactorClock()
-        balancer = Balancer(["127.0.0.1:3001"], reactor=reactor, mode="tcp",
-                            healthPath="/ping", healthClient=object())
+        balancer = Balancer(
+            ["127.0.0.1:3001"],
+            reactor=reactor,
+            mode="tcp",
+            healthPath="/ping",
+            healthClient=object(),
+        )
         self.assertNotIsInstance(balancer.defaultPool.checker, TCPConnectChecker)
 
     def test_listener_mode_and_accept_proxy(self) -> None:
@@ -512,12 +531,20 @@ class CommandLineTests(SynchronousTestCase):
     def test_tcp_options(self) -> None:
         """--mode, --proxy-protocol, --accept-proxy-protocol and --tunnel-idle-timeout reach the config."""
         config = self._options(
-            "--mode", "tcp", "--proxy-protocol", "v2",
-            "--accept-proxy-protocol", "10.0.0.0/8,192.0.2.1", "--tunnel-idle-timeout", "60",
+            "--mode",
+            "tcp",
+            "--proxy-protocol",
+            "v2",
+            "--accept-proxy-protocol",
+            "10.0.0.0/8,192.0.2.1",
+            "--tunnel-idle-timeout",
+            "60",
         )
         self.assertEqual(config.mode, "tcp")
         self.assertEqual(config.pools[0].proxyProtocol, "v2")
-        self.assertEqual([str(n) for n in config.acceptProxyProtocol], ["10.0.0.0/8", "192.0.2.1/32"])
+        self.assertEqual(
+            [str(n) for n in config.acceptProxyProtocol], ["10.0.0.0/8", "192.0.2.1/32"]
+        )
         self.assertEqual(config.tunnelIdleTimeout, 60.0)
         self.assertEqual(config.tcpPools(), frozenset(["default"]))
 
@@ -525,7 +552,10 @@ class CommandLineTests(SynchronousTestCase):
         """A bad mode or PROXY version is refused with the option's name."""
         from twisted.python.usage import UsageError
 
-        for args, word in ((("--mode", "udp"), "--mode"), (("--proxy-protocol", "v3"), "--proxy-protocol")):
+        for args, word in (
+            (("--mode", "udp"), "--mode"),
+            (("--proxy-protocol", "v3"), "--proxy-protocol"),
+        ):
             with self.assertRaises(UsageError) as e:
                 self._options(*args)
             self.assertIn(word, str(e.exception))
@@ -533,8 +563,10 @@ class CommandLineTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         """Without the options: HTTP mode, no PROXY headers, an hour of tunnel idle time."""
         config = self._options()
-        self.assertEqual((config.mode, config.pools[0].proxyProtocol, config.acceptProxyProtocol),
-                         ("http", None, ()))
+        self.assertEqual(
+            (config.mode, config.pools[0].proxyProtocol, config.acceptProxyProtocol),
+            ("http", None, ()),
+        )
         self.assertEqual(config.tunnelIdleTimeout, 3600.0)
         self.assertEqual(config.tcpPools(), frozenset())
 
@@ -564,9 +596,15 @@ class ProxyCheckTests(SynchronousTestCase):
         pool = BackendPool(backendSpecs("127.0.0.1:1"), RoundRobin())
         endpoints = {}
         checker = TCPConnectChecker(
-            pool.backends, lambda *a: None, reactor,
-            endpointFor=lambda r, b, t: endpoints.setdefault(b.address, FakeEndpoint(b)),
-            proxyProtocol="v2", interval=1, jitter=lambda: 0,
+            pool.backends,
+            lambda *a: None,
+            reactor,
+            endpointFor=lambda r, b, t: endpoints.setdefault(
+                b.address, FakeEndpoint(b)
+            ),
+            proxyProtocol="v2",
+            interval=1,
+            jitter=lambda: 0,
         )
         checker.startService()
         reactor.advance(0)
@@ -580,8 +618,12 @@ class ProxyCheckTests(SynchronousTestCase):
 
     def test_http_pool_with_proxy_protocol_checked_by_connect(self) -> None:
         """An HTTP-mode pool with --proxy-protocol and no health path gets TCP checks."""
-        balancer = Balancer(["127.0.0.1:3001"], reactor=MemoryReactorClock(),
-                            proxyProtocol="v1", healthClient=object())
+        balancer = Balancer(
+            ["127.0.0.1:3001"],
+            reactor=MemoryReactorClock(),
+            proxyProtocol="v1",
+            healthClient=object(),
+        )
         self.assertIsInstance(balancer.defaultPool.checker, TCPConnectChecker)
 
 

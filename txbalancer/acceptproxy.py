@@ -81,9 +81,7 @@ class ProxyHeaderReceiver(HAProxyProtocolWrapper):
     def _refuse(self, why: str) -> None:
         self._state = "refused"
         self._cancelTimeout()
-        log.warn(
-            "closed connection from {peer}: {why}", peer=self._peer(), why=why
-        )
+        log.warn("closed connection from {peer}: {why}", peer=self._peer(), why=why)
         self.transport.loseConnection()
 
     def _cancelTimeout(self) -> None:

@@ -345,7 +345,9 @@ class Balancer(MultiService):
         self.factories.append(factory)
         return factory
 
-    def tcpFactory(self, pool: Optional[str] = None, refuseProxyHeaders: bool = False) -> Any:
+    def tcpFactory(
+        self, pool: Optional[str] = None, refuseProxyHeaders: bool = False
+    ) -> Any:
         """
         A protocol factory for a TCP-mode listener: each connection relayed
         to one backend of C{pool} (the first pool by default).  Drained when
@@ -402,7 +404,9 @@ class Balancer(MultiService):
             if acceptFrom is None:
                 acceptFrom = config.acceptProxyProtocol
             if config.listenerMode(listener) == "tcp":
-                factory = self.tcpFactory(listener.pool, refuseProxyHeaders=bool(acceptFrom))
+                factory = self.tcpFactory(
+                    listener.pool, refuseProxyHeaders=bool(acceptFrom)
+                )
             else:
                 factory = self.serverFactory(secure=listener.secure)
             if listener.secure:

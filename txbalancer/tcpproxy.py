@@ -124,7 +124,10 @@ class TCPProxyProtocol(Protocol):
         elif self._state == "connecting":
             self._pending.append(data)
             self._pendingSize += len(data)
-            if self._pendingSize > self.factory.pendingLimit and not self._pausedForConnect:
+            if (
+                self._pendingSize > self.factory.pendingLimit
+                and not self._pausedForConnect
+            ):
                 self._pausedForConnect = True
                 self.transport.pauseProducing()
 

@@ -85,11 +85,15 @@ def main() -> None:
     options = parser.parse_args()
     connections = [0]
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         port = writer.get_extra_info("sockname")[1]
         try:
             if options.banner is not None:
-                writer.write(options.banner.replace("{port}", str(port)).encode() + b"\n")
+                writer.write(
+                    options.banner.replace("{port}", str(port)).encode() + b"\n"
+                )
             connections[0] += 1
             conn = connections[0]
             if options.proxy:
@@ -146,7 +150,9 @@ def main() -> None:
             writer.transport.abort()
 
     async def serve() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", options.port, backlog=1024)
+        server = await asyncio.start_server(
+            handle, "127.0.0.1", options.port, backlog=1024
+        )
         port = server.sockets[0].getsockname()[1]
         sys.stdout.write(f"listening {port}\n")
         sys.stdout.flush()

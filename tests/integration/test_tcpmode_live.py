@@ -149,7 +149,10 @@ def test_half_close_passed_on(tcpbackend, balancer):
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
         answer = read_all(sock)
-    assert answer == f"got {len(payload)} sha256 {hashlib.sha256(payload).hexdigest()}\n".encode()
+    assert (
+        answer
+        == f"got {len(payload)} sha256 {hashlib.sha256(payload).hexdigest()}\n".encode()
+    )
 
 
 def test_backend_reset_closes_client(tcpbackend, balancer):
@@ -219,8 +222,13 @@ def test_accept_proxy_protocol_from_listed_peer(tcpbackend, balancer):
     """A listed peer's header is believed: its address is the one sent on to the backend."""
     seer = tcpbackend("--proxy")
     lb = balancer(
-        [seer], "--mode", "tcp", "--proxy-protocol", "v2",
-        "--accept-proxy-protocol", "127.0.0.1/32",
+        [seer],
+        "--mode",
+        "tcp",
+        "--proxy-protocol",
+        "v2",
+        "--accept-proxy-protocol",
+        "127.0.0.1/32",
     )
     with connect(lb.port) as sock:
         sock.sendall(b"PROXY TCP4 192.0.2.44 10.9.9.9 40404 5432\r\nping")
@@ -260,7 +268,9 @@ def test_accept_proxy_protocol_http(backend, balancer):
     assert resp.status == 200, resp
     assert "192.0.2.45" in resp.text, resp.text
     sock = connect(lb.port, source="127.0.0.3")
-    sock.sendall(b"PROXY TCP4 192.0.2.45 10.9.9.9 40405 80\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(
+        b"PROXY TCP4 192.0.2.45 10.9.9.9 40405 80\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     answer = read_all(sock)
     sock.close()
     assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
@@ -287,9 +297,12 @@ def test_tls_listener_relays_plain_tcp(tcpbackend, balancer, tmp_path):
     spec = PKI(str(tmp_path)).server("db", "db.example")
     echo = tcpbackend("--banner", "plain {port}")
     tls_port = free_port()
-    lb = balancer(
-        [echo], "--mode", "tcp",
-        "--tls", f"{tls_port}:cert={spec.cert}:key={spec.key}:interface={HOST}",
+    balancer(
+        [echo],
+        "--mode",
+        "tcp",
+        "--tls",
+        f"{tls_port}:cert={spec.cert}:key={spec.key}:interface={HOST}",
     )
     wait_for(lambda: accepts(tls_port), 10, "the TLS listener")
     ctx = ssl.create_default_context(cafile=spec.cert)
