@@ -111,7 +111,25 @@ class TunnelTests(SynchronousTestCase):
         self.assertFalse(a.disconnecting)
         reactor.advance(1)
         self.assertTrue(a.disconnecting and b.disconnecting)
+        self.assertFalse(a.aborted or b.aborted)
         self.assertEqual(closed, [None])
+
+    def test_closed_side_that_never_goes_is_aborted(self) -> None:
+        """A side closed cleanly that cannot flush (its peer stopped reading) is aborted after a grace period."""
+        from txbalancer.tunnel import CLOSE_GRACE
+
+        reactor, a, b, tunnel, closed = tunnelOf()
+        tunnel.connectionLost(A, Failure(error.ConnectionDone()))
+        self.assertTrue(b.disconnecting)
+        reactor.advance(CLOSE_GRACE)
+        self.assertTrue(b.aborted)
+
+    def test_grace_timer_cancelled_when_both_gone(self) -> None:
+        """Once both sides are gone no timer is left behind."""
+        reactor, a, b, tunnel, closed = tunnelOf()
+        tunnel.connectionLost(A, Failure(error.ConnectionDone()))
+        tunnel.connectionLost(B, Failure(error.ConnectionDone()))
+        self.assertEqual(reactor.getDelayedCalls(), [])
 
     def test_traffic_keeps_the_tunnel_open(self) -> None:
         """A byte within each idle period keeps the tunnel open, with one timer."""
@@ -123,6 +141,8 @@ class TunnelTests(SynchronousTestCase):
         self.assertEqual(len(reactor.getDelayedCalls()), 1)
         reactor.advance(10)
         self.assertTrue(a.disconnecting)
+        tunnel.connectionLost(A, Failure(error.ConnectionDone()))
+        tunnel.connectionLost(B, Failure(error.ConnectionDone()))
         self.assertEqual(reactor.getDelayedCalls(), [])
 
     def test_tunnel_protocol_keeps_early_bytes(self) -> None:
@@ -264,6 +284,9 @@ class TCPRelayTests(SynchronousTestCase):
         bt.peerCloses()
         self.assertTrue(ct.disconnecting)
         self.assertEqual(backend.active, 0)
+        ct.deliverLoss()
+        self.assertEqual(proto.tunnel.state, "closed")
+        self.assertEqual(reactor.getDelayedCalls(), [])
 
     def test_least_conn_sees_open_connections(self) -> None:
         """least-conn sends a new client to the backend with fewer open relays."""

@@ -165,7 +165,8 @@ class TCPProxyProtocol(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.factory.connections.discard(self)
-        if self._state == "relaying":
+        if self.tunnel is not None:
+            # Relaying, or closed by the tunnel: it hears of it either way.
             self.tunnel.connectionLost(A, reason)
         elif self._state == "connecting":
             self._state = "closed"

@@ -29,7 +29,8 @@ What the tunnel guarantees:
   protocols that provide C{IHalfCloseableProtocol}) has the other side's
   write half shut (C{loseWriteConnection}); when both have, both close.
 - Either side closing closes the other: cleanly (after what is buffered is
-  written) for a clean close, abruptly for a reset.
+  written, within C{CLOSE_GRACE} seconds) for a clean close, abruptly for
+  a reset.
 - An idle timeout: no byte either way for C{idleTimeout} seconds closes
   both.  One C{callLater} per tunnel, not reset per read: each read only
   notes the time, and the timer, when it fires, re-arms itself for the
@@ -58,6 +59,11 @@ log = Logger()
 
 A = 0
 B = 1
+
+# Seconds a side closed cleanly has to finish writing what is buffered for
+# it (a peer that stopped reading would hold it open forever) before it is
+# aborted.
+CLOSE_GRACE = 30.0
 
 
 def canHalfClose(transport: Any) -> bool:
@@ -130,6 +136,7 @@ class Tunnel:
         self._readers = (_Reader(transportA), _Reader(transportB))
         self._lastActivity = reactor.seconds()
         self._idleCall: Any = None
+        self._graceCall: Any = None
         # Writes to A are produced by reading B, and the other way round.
         transportA.registerProducer(self._readers[B], True)
         transportB.registerProducer(self._readers[A], True)
@@ -179,6 +186,9 @@ class Tunnel:
             self._closeBoth(clean=clean, side=side, reason=reason)
         if all(self.gone):
             self.state = "closed"
+            if self._graceCall is not None and self._graceCall.active():
+                self._graceCall.cancel()
+            self._graceCall = None
 
     def close(self, abort: bool = False) -> None:
         """
@@ -203,9 +213,17 @@ class Tunnel:
                 transport.loseConnection()
             else:
                 transport.abortConnection()
+        if clean and not all(self.gone):
+            self._graceCall = self.reactor.callLater(CLOSE_GRACE, self._abortRest)
         onClose, self.onClose = self.onClose, None
         if onClose is not None:
             onClose(self, side, reason)
+
+    def _abortRest(self) -> None:
+        self._graceCall = None
+        for s in (A, B):
+            if not self.gone[s]:
+                self.transports[s].abortConnection()
 
     def _checkIdle(self) -> None:
         self._idleCall = None
@@ -221,9 +239,9 @@ class Tunnel:
             "tunnel idle for {seconds}s: closing both sides",
             seconds=self.idleTimeout,
         )
-        # Nothing moved for the whole timeout: whatever is still buffered
-        # is not going anywhere either.
-        self._closeBoth(clean=False, side=None, reason=None)
+        # A clean close (FIN); what is still buffered gets CLOSE_GRACE
+        # seconds to go out, then the rest is aborted.
+        self._closeBoth(clean=True, side=None, reason=None)
 
 
 @implementer(IHalfCloseableProtocol)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -318,3 +319,85 @@ def test_tls_listener_relays_plain_tcp(tcpbackend, balancer, tmp_path):
             back += chunk
         assert back == payload
         assert s.selected_alpn_protocol() is None
+
+
+def test_least_conn_counts_open_connections(tcpbackend, balancer):
+    """least-conn sends new connections away from a backend holding an open one."""
+    a = tcpbackend("--banner", "{port}")
+    b = tcpbackend("--banner", "{port}")
+    lb = balancer([a, b], "--mode", "tcp", "--strategy", "least-conn")
+
+    def cycle() -> int:
+        with connect(lb.port) as sock:
+            port = int(read_line(sock))
+            # Closed both ways before the next: the balancer has counted
+            # this connection out when the end of stream comes back.
+            sock.shutdown(socket.SHUT_WR)
+            assert read_all(sock) == b""
+        return port
+
+    # The fixture's probe connection (connect, close) is relayed too, and
+    # counted until its backend has seen it close: let it finish first.
+    cycle()
+    cycle()
+    held = connect(lb.port)
+    busy = int(read_line(held))
+    (other,) = {a.port, b.port} - {busy}
+    try:
+        assert [cycle() for _ in range(4)] == [other] * 4
+    finally:
+        held.close()
+
+
+def test_idle_tunnel_is_closed(tcpbackend, balancer):
+    """A tunnel with no traffic for --tunnel-idle-timeout is closed; the backend stays up."""
+    echo = tcpbackend()
+    lb = balancer([echo], "--mode", "tcp", "--tunnel-idle-timeout", "1")
+    with connect(lb.port, timeout=30) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        assert read_all(sock) == b""
+    lb.wait_for_log("tunnel idle", 10)
+    with connect(lb.port) as sock:
+        sock.sendall(b"again")
+        assert sock.recv(5) == b"again"
+
+
+def test_sigterm_drains_then_closes_tunnels(tcpbackend, balancer):
+    """On SIGTERM an open tunnel is closed after --drain-timeout and the balancer exits 0."""
+    echo = tcpbackend()
+    lb = balancer([echo], "--mode", "tcp", "--drain-timeout", "1")
+    with connect(lb.port, timeout=30) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        lb.proc.send_signal(signal.SIGTERM)
+        assert read_all(sock) == b""
+    assert lb.proc.wait(15) == 0
+
+
+def test_accept_proxy_protocol_v2(tcpbackend, balancer):
+    """A v2 header from a listed peer is read as well as a v1 one."""
+    import struct
+
+    seer = tcpbackend("--proxy")
+    lb = balancer(
+        [seer],
+        "--mode",
+        "tcp",
+        "--proxy-protocol",
+        "v1",
+        "--accept-proxy-protocol",
+        "127.0.0.0/8",
+    )
+    header = (
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11"
+        + struct.pack("!H", 12)
+        + socket.inet_aton("203.0.113.9")
+        + socket.inet_aton("10.1.2.3")
+        + struct.pack("!HH", 1111, 2222)
+    )
+    with connect(lb.port, source="127.0.0.5") as sock:
+        sock.sendall(header + b"ok")
+        line = read_line(sock)
+        assert sock.recv(2) == b"ok"
+    assert line == b"proxy v1 203.0.113.9 1111 10.1.2.3 2222\n"
