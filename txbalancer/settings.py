@@ -308,8 +308,8 @@ class PoolConfig:
     healthPath: Optional[str] = setting(
         "health-path", None, optionalText,
         "Active health check: GET this path on each backend; a status in "
-        "--health-status is healthy. [default: /; in TCP mode, a TCP "
-        "connect unless a path is given]")
+        "--health-status is healthy. [default: /; in TCP mode and with "
+        "--proxy-protocol, a TCP connect unless a path is given]")
     healthHost: Optional[str] = setting(
         "health-host", None, optionalText,
         "Host header of health checks. [default: the backend's host:port]")
