@@ -185,9 +185,9 @@ class FakeEndpoint:
         d.callback(proto)
         return proto, transport
 
-    def refuse(self):
+    def refuse(self, reason=None):
         factory, d = self.pending.pop(0)
-        d.errback(Failure(error.ConnectionRefusedError()))
+        d.errback(Failure(reason or error.ConnectionRefusedError()))
 
 
 def relay(*lines, chooser=None, **kw):
@@ -261,6 +261,15 @@ class TCPRelayTests(SynchronousTestCase):
         self.assertEqual(pool.backends[1].active, 1)
         # Passive ejection hears of both: the failure and the success.
         self.assertEqual(recorded, [("127.0.0.1:1", False), ("127.0.0.1:2", True)])
+
+    def test_timed_out_connect_moves_on(self) -> None:
+        """A connect that times out (connect-timeout) moves the client to the next backend."""
+        reactor, pool, endpoints, factory = relay("127.0.0.1:1", "127.0.0.1:2")
+        proto, ct = client(factory)
+        endpoints["127.0.0.1:1"].refuse(error.TimeoutError())
+        bproto, bt = endpoints["127.0.0.1:2"].accept()
+        self.assertEqual(pool.backends[0].failures, 1)
+        self.assertFalse(ct.disconnecting)
 
     def test_all_refused_closes_client(self) -> None:
         """When every backend refuses, the client is closed and nothing stays in flight."""
