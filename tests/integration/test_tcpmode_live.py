@@ -183,10 +183,11 @@ def test_proxy_header_seen_by_backend(tcpbackend, balancer, version):
     assert line == f"proxy {version} 127.0.0.7 {sport} 127.0.0.1 {lb.port}\n".encode()
 
 
-def test_proxy_header_http_mode(tcpbackend, balancer):
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_proxy_header_http_mode(tcpbackend, balancer, version):
     """In HTTP mode the header names the client, and a backend connection serves one client connection only."""
     seer = tcpbackend("--proxy", "--http")
-    lb = balancer([seer], "--proxy-protocol", "v1")
+    lb = balancer([seer], "--proxy-protocol", version)
     bodies = []
     ports = []
     for source in ("127.0.0.8", "127.0.0.9"):
@@ -197,8 +198,8 @@ def test_proxy_header_http_mode(tcpbackend, balancer):
                 resp = client.request("GET", "/")
                 assert resp.status == 200, resp
                 bodies.append(resp.body.decode())
-    first = f"proxy v1 127.0.0.8 {ports[0]} 127.0.0.1 {lb.port}"
-    second = f"proxy v1 127.0.0.9 {ports[1]} 127.0.0.1 {lb.port}"
+    first = f"proxy {version} 127.0.0.8 {ports[0]} 127.0.0.1 {lb.port}"
+    second = f"proxy {version} 127.0.0.9 {ports[1]} 127.0.0.1 {lb.port}"
     assert bodies[0].startswith(first) and bodies[1].startswith(first), bodies
     assert bodies[2].startswith(second) and bodies[3].startswith(second), bodies
     conn = [b.split(" conn ")[1].split()[0] for b in bodies]
