@@ -181,6 +181,7 @@ def nginx(port: int, backends: list[int], tmp: str, twistd: str) -> list[str]:
                 server {{
                     listen {HOST}:{port};
                     proxy_pass back;
+                    proxy_half_close on;
                 }}
             }}
             """)
