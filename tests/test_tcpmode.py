@@ -683,3 +683,24 @@ class PendingBackpressureTests(SynchronousTestCase):
         d.callback(bproto)
         self.assertEqual(bt.value(), b"x" * 100)
         self.assertEqual(ct.producerState, "paused")
+
+
+class ListenerPoolTests(SynchronousTestCase):
+    def test_tcp_listener_uses_its_pool(self) -> None:
+        """A TCP listener naming a pool relays to that pool, and only that pool gets TCP checks."""
+        from txbalancer import settings
+
+        config = settings.build(
+            [
+                settings.PoolConfig(name="web", backends=backendSpecs("127.0.0.1:3001")),
+                settings.PoolConfig(name="db", backends=backendSpecs("127.0.0.1:5432")),
+            ],
+            {},
+            listeners=[ListenerConfig("tcp:0"), ListenerConfig("tcp:0", mode="tcp", pool="db")],
+        )
+        balancer = Balancer(config=config, reactor=MemoryReactorClock(), healthClient=object())
+        balancer.listen()
+        relay = balancer.listeners[1].factory
+        self.assertIs(relay.pool, balancer.pools["db"].pool)
+        self.assertIsInstance(balancer.pools["db"].checker, TCPConnectChecker)
+        self.assertNotIsInstance(balancer.pools["web"].checker, TCPConnectChecker)
