@@ -692,15 +692,44 @@ class ListenerPoolTests(SynchronousTestCase):
 
         config = settings.build(
             [
-                settings.PoolConfig(name="web", backends=backendSpecs("127.0.0.1:3001")),
+                settings.PoolConfig(
+                    name="web", backends=backendSpecs("127.0.0.1:3001")
+                ),
                 settings.PoolConfig(name="db", backends=backendSpecs("127.0.0.1:5432")),
             ],
             {},
-            listeners=[ListenerConfig("tcp:0"), ListenerConfig("tcp:0", mode="tcp", pool="db")],
+            listeners=[
+                ListenerConfig("tcp:0"),
+                ListenerConfig("tcp:0", mode="tcp", pool="db"),
+            ],
         )
-        balancer = Balancer(config=config, reactor=MemoryReactorClock(), healthClient=object())
+        balancer = Balancer(
+            config=config, reactor=MemoryReactorClock(), healthClient=object()
+        )
         balancer.listen()
         relay = balancer.listeners[1].factory
         self.assertIs(relay.pool, balancer.pools["db"].pool)
         self.assertIsInstance(balancer.pools["db"].checker, TCPConnectChecker)
         self.assertNotIsInstance(balancer.pools["web"].checker, TCPConnectChecker)
+
+
+class UnlistedHTTPPeerTests(SynchronousTestCase):
+    def test_headers_from_unlisted_peer_get_400(self) -> None:
+        """In HTTP mode a v1 or v2 header from a peer outside the list is answered 400 and reaches no backend."""
+        from txbalancer.downstream import HTTPServerFactory
+        from txbalancer.testing import RecordingHandler, serverProtocol
+
+        v2 = encodeV2(
+            IPv4Address("TCP", "192.0.2.1", 1), IPv4Address("TCP", "10.0.0.1", 80)
+        )
+        for header in (b"PROXY TCP4 192.0.2.1 10.0.0.1 1 80\r\n", v2):
+            reactor = MemoryReactorClock()
+            handler = RecordingHandler()
+            inner = HTTPServerFactory(handler, reactor)
+            factory = AcceptProxyFactory(inner, parse_cidrs("10.0.0.0/8", "t"), reactor)
+            protocol, transport = serverProtocol(factory, peer="192.0.2.50")
+            protocol.dataReceived(header + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(
+                transport.value().startswith(b"HTTP/1.1 400"), transport.value()
+            )
+            self.assertEqual(handler.exchanges, [])
