@@ -86,6 +86,10 @@ class _BackendFactory(Factory):
 class TCPProxyProtocol(Protocol):
     """
     One client connection in TCP mode (side A of its tunnel).
+
+    States (C{_state}): C{"connecting"} (choosing a backend and connecting
+    to it; what the client sends is kept), C{"relaying"} (the tunnel has
+    both connections), C{"closed"} (given up, or the tunnel closed).
     """
 
     def __init__(self) -> None:
