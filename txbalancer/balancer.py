@@ -82,6 +82,7 @@ class PoolRuntime:
         healthClient: Any,
         accessLog: Any,
         cookieSecret: Optional[bytes],
+        tcp: bool = False,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -112,11 +113,20 @@ class PoolRuntime:
                 pool.outliers.returnEarly(backend)
 
         host = config.healthHost
-        self.checker = HealthChecker(
+        checkerClass: Any = HealthChecker
+        checkerOptions: dict[str, Any] = {}
+        if (tcp or config.proxyProtocol) and config.healthPath is None:
+            # -- tcp mode: a pool behind a TCP listener, or whose backends
+            # expect a PROXY header, is checked by TCP connect.
+            from txbalancer.tcpcheck import TCPConnectChecker as checkerClass
+
+            checkerOptions["proxyProtocol"] = config.proxyProtocol
+        self.checker = checkerClass(
             pool.backends,
             healthChanged,
             reactor,
-            path=config.healthPath,
+            **checkerOptions,
+            path=config.healthPath or "/",
             host=host.encode("idna") if host else None,
             interval=config.healthInterval,
             timeout=config.healthTimeout,
@@ -144,6 +154,7 @@ class PoolRuntime:
             connectTimeout=config.connectTimeout,
             maxIdlePerBackend=config.maxIdlePerBackend,
             idleTimeout=config.upstreamIdleTimeout,
+            proxyProtocol=config.proxyProtocol,
         )
         b = balancerConfig
         self.forwarder = Forwarder(
@@ -385,6 +396,7 @@ class Balancer(MultiService):
             cookieSecret = load_secret(config.stickySecretFile)
         randomness = random if random is not None else _random.Random()
         self.pools: dict[str, PoolRuntime] = {}
+        tcpPools = config.tcpPools()
         for poolConfig in config.pools:
             self.pools[poolConfig.name] = PoolRuntime(
                 poolConfig,
@@ -395,6 +407,7 @@ class Balancer(MultiService):
                 healthClient=healthClient,
                 accessLog=self.accessLog,
                 cookieSecret=cookieSecret,
+                tcp=poolConfig.name in tcpPools,
             )
         self.router: Optional[Router] = None
         if config.routes:
@@ -471,6 +484,29 @@ class Balancer(MultiService):
         self.factories.append(factory)
         return factory
 
+    def tcpFactory(
+        self, pool: Optional[str] = None, refuseProxyHeaders: bool = False
+    ) -> Any:
+        """
+        A protocol factory for a TCP-mode listener: each connection relayed
+        to one backend of C{pool} (the first pool by default).  Drained when
+        the balancer stops.
+        """
+        from txbalancer.tcpproxy import TCPProxyFactory
+
+        runtime = self.pools[pool] if pool is not None else self.defaultPool
+        factory = TCPProxyFactory(
+            runtime.pool,
+            self.reactor,
+            runtime.upstreams._endpointFor,
+            idleTimeout=self.config.tunnelIdleTimeout,
+            proxyProtocol=runtime.config.proxyProtocol,
+            refuseProxyHeaders=refuseProxyHeaders,
+            needsClientKey=runtime.config.strategy == "ip-hash",
+        )
+        self.factories.append(factory)
+        return factory
+
     def resource(self) -> Any:
         """
         A twisted.web C{IResource} that proxies every request below it: mount
@@ -510,11 +546,29 @@ class Balancer(MultiService):
                     f"({type(e).__name__}: {e}); give a port number or an "
                     "endpoint string such as tcp:8000:interface=127.0.0.1"
                 ) from None
-            factory = self.serverFactory(secure=listener.secure)
+            # -- tcp mode: the listener's mode and the PROXY headers it reads
+            acceptFrom = listener.acceptProxyProtocol
+            if acceptFrom is None:
+                acceptFrom = config.acceptProxyProtocol
+            if config.listenerMode(listener) == "tcp":
+                factory = self.tcpFactory(
+                    listener.pool, refuseProxyHeaders=bool(acceptFrom)
+                )
+            else:
+                factory = self.serverFactory(secure=listener.secure)
             if listener.secure:
                 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-                factory = TLSMemoryBIOFactory(serverTLS[listener.tls], False, factory)
+                tcp = config.listenerMode(listener) == "tcp"
+                factory = TLSMemoryBIOFactory(
+                    serverTLS[(listener.tls, tcp)], False, factory
+                )
+            if acceptFrom:
+                from txbalancer.acceptproxy import AcceptProxyFactory
+
+                factory = AcceptProxyFactory(
+                    factory, acceptFrom, self.reactor, timeout=config.clientTimeout
+                )
             self.listenOn(endpoint, factory)
 
     def listenOn(self, endpoint: Any, factory: Any) -> StreamServerEndpointService:
@@ -539,13 +593,16 @@ class Balancer(MultiService):
         alpn = (b"h2", b"http/1.1") if config.http2 else (b"http/1.1",)
         contexts: dict[Any, Any] = {}
         for listener in config.listeners:
-            if listener.secure and listener.tls not in contexts:
-                contexts[listener.tls] = ServerTLS(
+            # -- tcp mode: a TCP-mode TLS listener offers no ALPN protocol
+            tcp = config.listenerMode(listener) == "tcp"
+            key = (listener.tls, tcp)
+            if listener.secure and key not in contexts:
+                contexts[key] = ServerTLS(
                     [listener.tls],
                     certDir=config.tlsCertDir,
                     clientCA=config.tlsClientCa,
                     clientOptional=config.tlsClientOptional,
-                    alpn=alpn,
+                    alpn=() if tcp else alpn,
                 )
         self.serverTLS = list(contexts.values())
         return contexts
