@@ -126,8 +126,14 @@ class PoolRuntime:
         pool.checker = self.checker
         self.outliers = None
         if config.ejectAfter:
+
+            def ejected(backend: Any, seconds: float, reason: str) -> None:
+                backend.ejections += 1
+                backend.ejectedUntil = reactor.seconds() + seconds
+                self.checker.eject(backend, seconds, reason)
+
             self.outliers = pool.outliers = OutlierDetector(
-                self.checker.eject,
+                ejected,
                 self.checker.ejectionEnded,
                 reactor,
                 ejectAfter=config.ejectAfter,
@@ -313,6 +319,10 @@ class Balancer(MultiService):
             )
         self.factories: list[Any] = []
         self.listeners: list[StreamServerEndpointService] = []
+        # (endpoint string, protocol factory) of each client listener, for
+        # the admin server's connection counts.
+        self.listening: list[tuple[str, Any]] = []
+        self.admin: Optional[StreamServerEndpointService] = None
         self.serverTLS: list[Any] = []
         self._h2Factories: dict[int, Any] = {}
 
@@ -407,11 +417,58 @@ class Balancer(MultiService):
                     "number or a Twisted endpoint such as tcp:8000:interface=127.0.0.1)"
                 ) from None
             factory = self.serverFactory(secure=listener.secure)
+            self.listening.append((listener.endpoint, factory))
             if listener.secure:
                 from twisted.protocols.tls import TLSMemoryBIOFactory
 
                 factory = TLSMemoryBIOFactory(serverTLS[listener.tls], False, factory)
             self.listenOn(endpoint, factory)
+        if config.admin:
+            self.listenAdmin()
+
+    def adminResource(self, token: Optional[str] = None) -> Any:
+        """
+        The admin server as a twisted.web C{IResource}: the dashboard, C{/status},
+        C{/metrics} and the runtime API (see L{txbalancer.admin}).  With
+        C{token}, every request must carry C{Authorization: Bearer TOKEN}.
+        """
+        from txbalancer.admin import AdminResource
+
+        return AdminResource(self, token=token)
+
+    def listenAdmin(self) -> StreamServerEndpointService:
+        """
+        Serve the admin server on C{config.admin} as a child service.  It is
+        not drained like a client listener: a graceful stop keeps it up
+        while requests in flight finish, and stops it last.
+
+        @raise ConfigError: when the endpoint is not loopback-only and no
+            token is set, or the token file cannot be read.
+        """
+        from twisted.internet.endpoints import serverFromString
+        from twisted.web.server import Site
+
+        from txbalancer.admin import AdminSite, adminToken, checkExposure
+
+        config = self.config
+        token = adminToken(config)
+        try:
+            endpoint = serverFromString(self.reactor, config.admin)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(
+                f"--admin: cannot listen on {config.admin!r}: {e} (expected a "
+                "Twisted endpoint such as tcp:9000:interface=127.0.0.1)"
+            ) from None
+        if token is None:
+            checkExposure(config.admin, endpoint)
+        site: Site = AdminSite(self.adminResource(token=token))
+        service = StreamServerEndpointService(endpoint, site)
+        service._raiseSynchronously = True
+        service.setServiceParent(self)
+        self.admin = service
+        log.info("admin server on {endpoint}{auth}", endpoint=config.admin,
+                 auth=" (token required)" if token else "")
+        return service
 
     def listenOn(self, endpoint: Any, factory: Any) -> StreamServerEndpointService:
         """
