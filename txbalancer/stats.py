@@ -48,7 +48,7 @@ class ResponseStats:
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.total = 0.0
         self._times = [0.0] * WINDOW_SIZE
-        self._at = [-1.0] * WINDOW_SIZE  # when each was recorded; -1: empty
+        self._at = [float("-inf")] * WINDOW_SIZE  # when each was recorded
         self._next = 0
 
     def record(self, status: int, seconds: float, now: float) -> None:

@@ -29,10 +29,9 @@ from urllib.parse import unquote
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from txbalancer.admin.server import jsonError, jsonResponse
+from txbalancer.admin.server import JSONResource, jsonError, jsonResponse
 from txbalancer.admin.status import backendStatus
 from txbalancer.config import ConfigError, parse_backends
 
@@ -63,7 +62,7 @@ def _query(request: Any, name: bytes) -> Optional[str]:
     return values[0].decode("utf-8", "replace") if values else None
 
 
-class BackendsResource(Resource):
+class BackendsResource(JSONResource):
     """
     C{/backends} and everything below it.
     """
@@ -71,7 +70,7 @@ class BackendsResource(Resource):
     isLeaf = True
 
     def __init__(self, balancer: Any) -> None:
-        Resource.__init__(self)
+        JSONResource.__init__(self)
         self.balancer = balancer
 
     def render(self, request: Any) -> Any:
@@ -242,7 +241,7 @@ def _notAllowed(request: Any, allowed: str) -> bytes:
     return jsonError(request, 405, f"method not allowed here (allowed: {allowed})")
 
 
-class ReloadResource(Resource):
+class ReloadResource(JSONResource):
     """
     C{POST /reload}: what SIGHUP does, with the answer.
     """
@@ -250,7 +249,7 @@ class ReloadResource(Resource):
     isLeaf = True
 
     def __init__(self, balancer: Any) -> None:
-        Resource.__init__(self)
+        JSONResource.__init__(self)
         self.balancer = balancer
 
     def render_POST(self, request: Any) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from twisted.web.resource import Resource
+from txbalancer.admin.server import JSONResource
 
 __all__ = ["DashboardResource", "page"]
 
@@ -26,11 +26,11 @@ def page() -> bytes:
     return resources.files(__package__).joinpath("dashboard.html").read_bytes()
 
 
-class DashboardResource(Resource):
+class DashboardResource(JSONResource):
     isLeaf = True
 
     def __init__(self) -> None:
-        Resource.__init__(self)
+        JSONResource.__init__(self)
         self.html = page()
 
     def render_GET(self, request: Any) -> bytes:

@@ -41,8 +41,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from twisted.web.resource import Resource
 
+from txbalancer.admin.server import JSONResource
 from txbalancer.stats import BUCKETS
 
 __all__ = ["BalancerCollector", "MetricsResource", "registryFor"]
@@ -194,7 +194,7 @@ def registryFor(balancer: Any) -> CollectorRegistry:
     return registry
 
 
-class MetricsResource(Resource):
+class MetricsResource(JSONResource):
     """
     The exposition, rendered in the reactor thread (the collector reads
     live state, which only the reactor thread may touch).
@@ -203,7 +203,7 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, balancer: Any) -> None:
-        Resource.__init__(self)
+        JSONResource.__init__(self)
         self.registry = registryFor(balancer)
 
     def render_GET(self, request: Any) -> bytes:

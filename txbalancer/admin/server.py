@@ -43,6 +43,7 @@ from txbalancer.config import ConfigError
 __all__ = [
     "AdminResource",
     "AdminSite",
+    "JSONResource",
     "adminToken",
     "checkExposure",
     "isLoopback",
@@ -65,6 +66,29 @@ def jsonResponse(request: Any, code: int, body: Any) -> bytes:
 
 def jsonError(request: Any, code: int, message: str) -> bytes:
     return jsonResponse(request, code, {"error": message})
+
+
+class JSONResource(Resource):
+    """
+    A resource whose every answer is JSON, a method it does not serve
+    included (405 with C{Allow}).
+    """
+
+    def render(self, request: Any) -> Any:
+        method = request.method.decode("ascii", "replace")
+        if method == "HEAD" and not hasattr(self, "render_HEAD"):
+            method = "GET"
+        handler = getattr(self, "render_" + method, None)
+        if handler is None:
+            allowed = sorted(
+                name[len("render_"):] for name in dir(self)
+                if name.startswith("render_")
+            )
+            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+            return jsonError(
+                request, 405, f"method not allowed here (allowed: {', '.join(allowed)})"
+            )
+        return handler(request)
 
 
 class _Error(Resource):

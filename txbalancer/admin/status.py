@@ -20,9 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.web.resource import Resource
-
-from txbalancer.admin.server import jsonError, jsonResponse
+from txbalancer.admin.server import JSONResource, jsonError, jsonResponse
 
 __all__ = ["StatusResource", "backendStatus", "balancerStatus", "poolStatus"]
 
@@ -106,11 +104,11 @@ def balancerStatus(balancer: Any) -> dict[str, Any]:
     }
 
 
-class StatusResource(Resource):
+class StatusResource(JSONResource):
     isLeaf = True
 
     def __init__(self, balancer: Any) -> None:
-        Resource.__init__(self)
+        JSONResource.__init__(self)
         self.balancer = balancer
 
     def render_GET(self, request: Any) -> bytes:
