@@ -58,12 +58,14 @@ class Traffic:
     """
     ``threads`` clients sending GETs to the balancer in a loop (kept-alive
     connections, a new one after any error), until ``stop()``, at most
-    ``limit`` requests or ``seconds``.  Counts answers by status and
+    ``limit`` requests or ``seconds`` (``pause`` seconds between two
+    requests of a client).  Counts answers by status and
     failures (anything but a 200, or a broken connection).
     """
 
-    def __init__(self, port, threads=3, limit=20000, seconds=90.0):
+    def __init__(self, port, threads=3, limit=20000, seconds=90.0, pause=0.0):
         self.port = port
+        self.pause = pause
         self.limit = limit
         self.deadline = time.monotonic() + seconds
         self.ok = 0
@@ -103,6 +105,8 @@ class Traffic:
                 if resp.value("Connection") == "close":
                     client.close()
                     client = None
+                if self.pause:
+                    time.sleep(self.pause)
             except Exception as e:  # noqa: BLE001 - every failure is counted
                 with self._lock:
                     self.failures.append(f"{type(e).__name__}: {e}")
