@@ -26,8 +26,9 @@ BUCKETS = (
 
 # The percentiles of /status are over the last WINDOW_SIZE responses, less
 # those older than WINDOW_SECONDS.
-WINDOW_SIZE = 1024
+WINDOW_SIZE = 1024  # a power of two: the ring's index wraps with a mask
 WINDOW_SECONDS = 60.0
+_MASK = WINDOW_SIZE - 1
 
 
 class ResponseStats:
@@ -57,14 +58,14 @@ class ResponseStats:
         request was sent, at time C{now}.
         """
         cls = status // 100
-        if 1 <= cls <= 5:
+        if 0 < cls < 6:
             self.classes[cls] += 1
         self.buckets[bisect_left(BUCKETS, seconds)] += 1
         self.total += seconds
         i = self._next
         self._times[i] = seconds
         self._at[i] = now
-        self._next = (i + 1) % WINDOW_SIZE
+        self._next = (i + 1) & _MASK
 
     @property
     def count(self) -> int:
