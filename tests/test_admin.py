@@ -465,6 +465,17 @@ class APITests(AdminCase):
         self.assertEqual(self.json("GET", "/reload")[0], 405)
 
 
+    def test_reload_undoes_drain_and_disable(self) -> None:
+        """Run-time drains and disables last until the next reload."""
+        self.json("POST", "/backends/127.0.0.1:3001/drain")
+        self.json("POST", "/backends/127.0.0.1:3002/disable")
+        code, _ = self.json("POST", "/reload")
+        self.assertEqual(code, 200)
+        _, status = self.json("GET", "/status")
+        states = [b["state"] for b in status["pools"]["default"]["backends"]]
+        self.assertEqual(states, ["up", "up"])
+
+
 class MetricsTests(AdminCase):
     def metrics(self):
         code, headers, body = self.call("GET", "/metrics")

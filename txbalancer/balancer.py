@@ -209,6 +209,17 @@ class PoolRuntime:
 
         return d.addCallback(gone)
 
+    def clearOperatorChanges(self) -> None:
+        """
+        Undo every drain and disable of the admin API (a reload: run-time
+        changes last until then).  A backend draining because its own
+        health check asked for it stays draining.
+        """
+        for backend in self.pool.backends:
+            self.pool.enable(backend)
+            if backend in self.checker:
+                self.checker.undrain(backend)
+
     def start(self) -> None:
         self.pool.startService()
         self.checker.startService()
@@ -534,6 +545,10 @@ class Balancer(MultiService):
         log.info("SIGHUP: reloading certificates")
         for serverTLS in self.serverTLS:
             serverTLS.reload()
+        # Run-time changes (the admin API's drains and disables) last until
+        # the next reload.
+        for runtime in self.pools.values():
+            runtime.clearOperatorChanges()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
