@@ -102,6 +102,7 @@ class StatusTests(AdminCase):
         self.serve(1, 503, advance=0.200)
         self.serve(2, 404, advance=0.010)
         code, status = self.json("GET", "/status")
+        self.assertEqual(code, 200)
         backends = status["pools"]["default"]["backends"]
         self.assertEqual(sum(b["requests"] for b in backends), 6)
         total = {k: sum(b["responses"][k] for b in backends) for k in ("2xx", "4xx", "5xx")}
@@ -208,6 +209,7 @@ class TokenTests(AdminCase):
         """GET / without the token is 401 with the dashboard page, which holds no data."""
         code, headers, body = self.call("GET", "/")
         self.assertEqual(code, 401)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/html; charset=utf-8"])
         self.assertIn(b"<title>txbalancer</title>", body)
         self.assertNotIn(b"127.0.0.1:3001", body)
 
@@ -366,14 +368,14 @@ class APITests(AdminCase):
         _, status = self.json("GET", "/status")
         self.assertEqual(status["pools"]["default"]["backends"][0]["state"], "disabled")
         code, body = self.json("POST", "/backends/127.0.0.1:3001/enable")
-        self.assertEqual(body["backend"]["state"], "down")
+        self.assertEqual((code, body["backend"]["state"]), (200, "down"))
 
     def test_enable_undoes_drain_and_disable(self) -> None:
         """Enable undoes a drain and a disable given together."""
         self.json("POST", "/backends/127.0.0.1:3001/drain")
         self.json("POST", "/backends/127.0.0.1:3001/disable")
         code, body = self.json("POST", "/backends/127.0.0.1:3001/enable")
-        self.assertEqual(body["backend"]["state"], "up")
+        self.assertEqual((code, body["backend"]["state"]), (200, "up"))
 
     def test_unknown_backend(self) -> None:
         """An unknown address, or an unknown pool, is 404."""

@@ -71,7 +71,7 @@ def test_status_and_metrics_equal_what_backends_received(backend, balancer):
         assert count == [n + five]
     assert fivexx == 1
     assert sum(received(b) for b in backends) == 40
-    listeners = dict((ls["listener"], v) for ls, v in samples["txbalancer_listener_connections"])
+    listeners = {ls["listener"]: v for ls, v in samples["txbalancer_listener_connections"]}
     assert list(listeners) == [f"tcp:{lb.port}:interface={HOST}"]
 
 
@@ -155,7 +155,7 @@ def test_drain_add_remove_under_load_fail_nothing(backend, balancer):
 
 def test_reload_answers_json(backend, balancer):
     """POST /reload answers 200 with JSON on the running balancer."""
-    lb, port = start_with_admin(balancer, [backend()])
+    _, port = start_with_admin(balancer, [backend()])
     resp = admin(port, "POST", "/reload")
     assert resp.status == 200, resp
     assert resp.json()["reloaded"] is True

@@ -131,7 +131,7 @@ def test_dashboard_with_token(backend, balancer, chromium, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("dash-token-123\n")
     x = backend()
-    lb, port = start_with_admin(balancer, [x], token_file=token_file)
+    _, port = start_with_admin(balancer, [x], token_file=token_file)
     page.goto(f"http://127.0.0.1:{port}/")
     page.wait_for_selector("#token-form", state="visible", timeout=WAIT_MS)
     assert page.inner_text("#connection") == "needs token"

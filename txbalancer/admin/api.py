@@ -263,7 +263,8 @@ class ReloadResource(JSONResource):
 
         def failed(f: Any) -> None:
             if f.check(ConfigError):
-                log.warn("admin: reload refused: {reason}", reason=str(f.value))
+                log.warn(  # noqa: G010 - twisted.logger.Logger.warn
+                    "admin: reload refused: {reason}", reason=str(f.value))
                 _write(request, jsonError(request, 400, str(f.value)))
             else:
                 log.failure("admin: reload failed", f)

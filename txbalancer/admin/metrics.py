@@ -32,7 +32,8 @@ Every metric (labels: C{pool}, C{backend} = C{host:port}, ...):
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
