@@ -443,11 +443,16 @@ class APITests(AdminCase):
         self.assertEqual(code, 202)
         self.assertEqual(body, {"pool": "default", "removing": address, "in_flight": 1})
         self.assertNotIn(address, [b.address for b in self.lb.pool.backends])
+        _, status = self.json("GET", "/status")
+        self.assertEqual(status["pools"]["default"]["removing"],
+                         [{"address": address, "in_flight": 1}])
         other = [b.address for b in self.lb.pool.backends]
         self.lb.client().send(GET)
         self.assertEqual(self.lb.pendingConnects()[0].address, other[0])
         conn.respond(ok(body=b"last"))
         self.assertTrue(client.received().endswith(b"last"))
+        _, status = self.json("GET", "/status")
+        self.assertEqual(status["pools"]["default"]["removing"], [])
         self.assertEqual(self.json("DELETE", f"/backends/{address}")[0], 404)
 
     def test_reload(self) -> None:

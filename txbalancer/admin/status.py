@@ -12,8 +12,8 @@ The shape is DESIGN.md's::
 
 plus, per backend, its health checks (C{"health"}: last check, its result,
 consecutive passes and failures, totals, when the state last changed) and
-its ejections (C{"ejections"}); per pool, requests in flight, the queue and
-retries; and the balancer's clock and listeners.  Times are Unix seconds.
+its ejections (C{"ejections"}); per pool, requests in flight, the queue,
+retries, and the removed backends still finishing requests; and the balancer's clock and listeners.  Times are Unix seconds.
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ def poolStatus(runtime: Any, now: float) -> dict[str, Any]:
         "queue_length": len(pool.waiting),
         "retries": runtime.forwarder.retries,
         "panic": pool.panic,
+        # Backends removed while requests were in flight to them, until
+        # the last one finishes.
+        "removing": [
+            {"address": b.address, "in_flight": b.active} for b in pool.leaving
+        ],
     }
 
 
