@@ -279,6 +279,23 @@ class LoopbackTests(AdminCase):
         self.assertIn(balancer.admin, list(balancer))
 
 
+    def test_admin_stops_after_the_drain(self) -> None:
+        """On a graceful stop the admin server stays up while requests in flight finish, then stops."""
+        lb = InMemoryBalancer(["127.0.0.1:3001"], admin="tcp:0", adminToken="t")
+        admin = lb.balancer.listenAdmin()
+        admin.startService()
+        client = lb.client()
+        client.send(GET)
+        conn = lb.acceptConnect()
+        d = lb.stop()
+        self.assertNoResult(d)
+        self.assertTrue(admin.running)
+        conn.respond(ok())
+        lb.flush()
+        self.successResultOf(d)
+        self.assertFalse(admin.running)
+
+
 class TokenFileTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp()

@@ -538,9 +538,11 @@ class Balancer(MultiService):
 
     def reload(self) -> None:
         """
-        SIGHUP: reload the TLS certificates and keys.  New handshakes use
-        the new ones, open connections go on; a broken file is logged and
-        the old certificate kept.
+        SIGHUP (and the admin API's C{POST /reload}): reload the TLS
+        certificates and keys.  New handshakes use the new ones, open
+        connections go on; a broken file is logged and the old certificate
+        kept.  The admin API's drains and disables are undone: run-time
+        changes last until the next reload.
         """
         log.info("SIGHUP: reloading certificates")
         for serverTLS in self.serverTLS:
