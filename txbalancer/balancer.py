@@ -141,8 +141,14 @@ class PoolRuntime:
         pool.checker = self.checker
         self.outliers = None
         if config.ejectAfter:
+
+            def ejected(backend: Any, seconds: float, reason: str) -> None:
+                backend.ejections += 1
+                backend.ejectedUntil = reactor.seconds() + seconds
+                self.checker.eject(backend, seconds, reason)
+
             self.outliers = pool.outliers = OutlierDetector(
-                self.checker.eject,
+                ejected,
                 self.checker.ejectionEnded,
                 reactor,
                 ejectAfter=config.ejectAfter,
@@ -218,6 +224,17 @@ class PoolRuntime:
                      address=backend.address)
 
         return d.addCallback(gone)
+
+    def clearOperatorChanges(self) -> None:
+        """
+        Undo every drain and disable of the admin API (a reload: run-time
+        changes last until then).  A backend draining because its own
+        health check asked for it stays draining.
+        """
+        for backend in self.pool.backends:
+            self.pool.enable(backend)
+            if backend in self.checker:
+                self.checker.undrain(backend)
 
     def start(self) -> None:
         self.pool.startService()
@@ -417,6 +434,10 @@ class Balancer(MultiService):
                 raise ConfigError(f"bad route: {e}") from None
         self.factories: list[Any] = []
         self.listeners: list[StreamServerEndpointService] = []
+        # (endpoint string, protocol factory) of each client listener, for
+        # the admin server's connection counts.
+        self.listening: list[tuple[str, Any]] = []
+        self.admin: Optional[StreamServerEndpointService] = None
         self.serverTLS: list[Any] = []
         self._h2Factories: dict[int, Any] = {}
 
@@ -556,6 +577,7 @@ class Balancer(MultiService):
                 )
             else:
                 factory = self.serverFactory(secure=listener.secure)
+            self.listening.append((listener.endpoint, factory))
             if listener.secure:
                 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -570,6 +592,52 @@ class Balancer(MultiService):
                     factory, acceptFrom, self.reactor, timeout=config.clientTimeout
                 )
             self.listenOn(endpoint, factory)
+        if config.admin:
+            self.listenAdmin()
+
+    def adminResource(self, token: Optional[str] = None) -> Any:
+        """
+        The admin server as a twisted.web C{IResource}: the dashboard, C{/status},
+        C{/metrics} and the runtime API (see L{txbalancer.admin}).  With
+        C{token}, every request must carry C{Authorization: Bearer TOKEN}.
+        """
+        from txbalancer.admin import AdminResource
+
+        return AdminResource(self, token=token)
+
+    def listenAdmin(self) -> StreamServerEndpointService:
+        """
+        Serve the admin server on C{config.admin} as a child service.  It is
+        not drained like a client listener: a graceful stop keeps it up
+        while requests in flight finish, and stops it last.
+
+        @raise ConfigError: when the endpoint is not loopback-only and no
+            token is set, or the token file cannot be read.
+        """
+        from twisted.internet.endpoints import serverFromString
+        from twisted.web.server import Site
+
+        from txbalancer.admin import AdminSite, adminToken, checkExposure
+
+        config = self.config
+        token = adminToken(config)
+        try:
+            endpoint = serverFromString(self.reactor, config.admin)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(
+                f"--admin: cannot listen on {config.admin!r}: {e} (expected a "
+                "Twisted endpoint such as tcp:9000:interface=127.0.0.1)"
+            ) from None
+        if token is None:
+            checkExposure(config.admin, endpoint)
+        site: Site = AdminSite(self.adminResource(token=token))
+        service = StreamServerEndpointService(endpoint, site)
+        service._raiseSynchronously = True
+        service.setServiceParent(self)
+        self.admin = service
+        log.info("admin server on {endpoint}{auth}", endpoint=config.admin,
+                 auth=" (token required)" if token else "")
+        return service
 
     def listenOn(self, endpoint: Any, factory: Any) -> StreamServerEndpointService:
         """
@@ -644,13 +712,19 @@ class Balancer(MultiService):
 
     def reload(self) -> None:
         """
-        SIGHUP: reload the TLS certificates and keys.  New handshakes use
-        the new ones, open connections go on; a broken file is logged and
-        the old certificate kept.
+        SIGHUP (and the admin API's C{POST /reload}): reload the TLS
+        certificates and keys.  New handshakes use the new ones, open
+        connections go on; a broken file is logged and the old certificate
+        kept.  The admin API's drains and disables are undone: run-time
+        changes last until the next reload.
         """
         log.info("SIGHUP: reloading certificates")
         for serverTLS in self.serverTLS:
             serverTLS.reload()
+        # Run-time changes (the admin API's drains and disables) last until
+        # the next reload.
+        for runtime in self.pools.values():
+            runtime.clearOperatorChanges()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
