@@ -105,6 +105,25 @@ nonNegative = _number(float, 0)
 percent = _number(float, 0, 100, "a percentage between 0 and 100")
 
 
+def workerCount(value: Any, option: str) -> int:
+    """
+    C{--workers}: a whole number of processes from 1, or C{auto} (0: one
+    per core, counted when the master starts).
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{option}: expected a number of processes or auto, got {value!r}")
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(
+            f"{option}: expected a number of processes or auto, got {value!r}") from None
+    if not 1 <= n <= 256:
+        raise ConfigError(f"{option}: {value!r} is not between 1 and 256 (or auto)")
+    return n
+
+
 def text(value: Any, option: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{option}: expected a non-empty string, got {value!r}")
@@ -538,6 +557,12 @@ class BalancerConfig:
         "admin-token-file", None, optionalText,
         "Read the admin token from this file (surrounding whitespace is "
         "ignored).")
+    # -- workers
+    workers: int = setting(
+        "workers", 1, workerCount,
+        "Processes that accept and proxy: N, or auto for one per core. With "
+        "more than 1, this process is the master (listening sockets, health "
+        "checks, admin server) and starts N workers (see README.rst).")
 
     def pool(self, name: str) -> PoolConfig:
         for pool in self.pools:

@@ -67,6 +67,28 @@ class ResponseStats:
         self._at[i] = now
         self._next = (i + 1) & _MASK
 
+    def latest(self, n: int) -> list[float]:
+        """
+        The last C{n} response times recorded (at most L{WINDOW_SIZE}),
+        oldest first: what a worker sends its master (C{--workers}).
+        """
+        n = min(n, WINDOW_SIZE)
+        end = self._next
+        return [self._times[(end - n + i) & _MASK] for i in range(n)]
+
+    def addRecent(self, times: list[float], now: float) -> None:
+        """
+        Put C{times} in the window of recent responses as recorded at
+        C{now}, without counting them again: the master's copy of its
+        workers' latencies (C{--workers}).
+        """
+        i = self._next
+        for seconds in times:
+            self._times[i] = seconds
+            self._at[i] = now
+            i = (i + 1) & _MASK
+        self._next = i
+
     @property
     def count(self) -> int:
         """

@@ -227,13 +227,25 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         reactor = _reactor
 
     from txbalancer.balancer import Balancer
+    from txbalancer.workers import MasterBalancer, resolveWorkers
 
+    config = options["config"]
+    workers = resolveWorkers(config.workers)
     try:
-        balancer = Balancer(
-            config=options["config"],
-            reactor=reactor,
-            installSignalHandlers=installSignalHandlers,
-        )
+        if workers > 1:
+            # -- workers: this process is the master
+            balancer = MasterBalancer(
+                config=config,
+                reactor=reactor,
+                installSignalHandlers=installSignalHandlers,
+                workers=workers,
+            )
+        else:
+            balancer = Balancer(
+                config=config,
+                reactor=reactor,
+                installSignalHandlers=installSignalHandlers,
+            )
         balancer.listen()
     except ConfigError as e:
         raise SystemExit(f"txbalancer: {e}")

@@ -96,17 +96,23 @@ def balancerStatus(balancer: Any) -> dict[str, Any]:
     The whole of C{/status} for C{balancer}.
     """
     now = balancer.reactor.seconds()
-    return {
+    result = {
         "pools": {
             name: poolStatus(runtime, now) for name, runtime in balancer.pools.items()
         },
-        "workers": 1,
+        "workers": getattr(balancer, "workerCount", 1),
         "time": now,
         "listeners": [
             {"endpoint": endpoint, "connections": len(factory.connections)}
             for endpoint, factory in balancer.listening
         ],
     }
+    # --workers N: the master's balancer (txbalancer.workers) says how each
+    # worker process is doing.
+    workerStatus = getattr(balancer, "workerStatus", None)
+    if workerStatus is not None:
+        result["worker_processes"] = workerStatus()
+    return result
 
 
 class StatusResource(JSONResource):
