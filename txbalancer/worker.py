@@ -82,6 +82,7 @@ class WorkerProtocol(amp.AMP):
         self.told: dict[Any, str] = {}
         self.sent: dict[Any, int] = {}
         self._reporting: Any = None
+        self._stopping = False
 
     @ws.Configure.responder
     def configure(self, config: Any, state: Any, secret: bytes, index: int,
@@ -155,10 +156,12 @@ class WorkerProtocol(amp.AMP):
         amp.AMP.connectionLost(self, reason)
         if self._reporting is not None and self._reporting.running:
             self._reporting.stop()
-        log.info("the master's channel closed: draining and exiting")
+        if self.reactor.running and not self._stopping:
+            log.info("the master's channel closed: draining and exiting")
         self._stop()
 
     def _stop(self) -> None:
+        self._stopping = True
         if self.reactor.running:
             self.reactor.stop()
 
