@@ -146,8 +146,9 @@ class ApplyStateTests(SynchronousTestCase):
         self.assertEqual(bad2.state, "down")
 
 
-def report(requests, active, classes2xx, times=(), retries=0, inFlight=None):
-    return {"default": {
+def report(requests, active, classes2xx, times=(), retries=0, inFlight=None,
+           listeners=()):
+    return {"listeners": list(listeners), "pools": {"default": {
         "in_flight": active if inFlight is None else inFlight,
         "retries": retries,
         "backends": {("http", "127.0.0.1", 3001): {
@@ -155,7 +156,7 @@ def report(requests, active, classes2xx, times=(), retries=0, inFlight=None):
             "bytesOut": 0, "ejections": 0, "active": active,
             "classes": [0, 0, classes2xx, 0, 0, 0],
             "buckets": [classes2xx] + [0] * 15, "total": 0.001 * classes2xx,
-            "recent": list(times)}}}}
+            "recent": list(times)}}}}}
 
 
 class TotalsTests(SynchronousTestCase):
@@ -168,8 +169,11 @@ class TotalsTests(SynchronousTestCase):
     def test_sum_of_workers(self) -> None:
         """Counters are the sum of every worker's, in flight the sum of the
         live workers' last reports, latencies from both."""
-        self.totals.record("a", self.pools, report(10, 2, 8, [0.001] * 8), 100.0)
-        self.totals.record("b", self.pools, report(5, 1, 4, [0.003] * 4), 100.0)
+        self.totals.record("a", self.pools, report(10, 2, 8, [0.001] * 8,
+                                                   listeners=[3]), 100.0)
+        self.totals.record("b", self.pools, report(5, 1, 4, [0.003] * 4,
+                                                   listeners=[2]), 100.0)
+        self.assertEqual(self.totals.connections(1), [5])
         self.totals.record("a", self.pools, report(12, 0, 12, [0.001] * 4), 101.0)
         b = self.backend
         self.assertEqual((b.requests, b.active), (17, 1))
@@ -229,3 +233,21 @@ class RestartTests(SynchronousTestCase):
         slot.ended(Failure(ProcessTerminated(exitCode=0)))
         self.assertIsNone(slot.pending)
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class ReportTests(SynchronousTestCase):
+    def test_report_sends_new_times_once(self) -> None:
+        """A worker's report carries its counters since start, and each
+        response time once (only those since the previous report)."""
+        lb = InMemoryBalancer(["127.0.0.1:3001"])
+        sent: dict = {}
+        for _ in range(2):
+            lb.client().send(GET)
+            lb.acceptConnect().respond(ok())
+        first = ws.report(lb.balancer.pools, sent, [("tcp:8000", lb.factory)])
+        b = first["pools"]["default"]["backends"][("http", "127.0.0.1", 3001)]
+        self.assertEqual((b["requests"], len(b["recent"]), b["classes"][2]), (2, 2, 2))
+        self.assertEqual(first["listeners"], [len(lb.factory.connections)])
+        second = ws.report(lb.balancer.pools, sent)
+        b = second["pools"]["default"]["backends"][("http", "127.0.0.1", 3001)]
+        self.assertEqual((b["requests"], b["recent"]), (2, []))

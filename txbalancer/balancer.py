@@ -477,6 +477,13 @@ class Balancer(MultiService):
     def inFlight(self) -> int:
         return sum(p.inFlight for p in self.pools.values())
 
+    def connectionCounts(self) -> list[tuple[str, int]]:
+        """
+        C{(endpoint, open client connections)} of each client listener (the
+        admin server's C{/status} and C{/metrics}).
+        """
+        return [(endpoint, len(factory.connections)) for endpoint, factory in self.listening]
+
     # -- front ends
 
     def serverFactory(self, secure: bool = False, serverTLS: Any = None) -> Any:

@@ -150,7 +150,8 @@ class WorkerProtocol(amp.AMP):
 
     def report(self) -> None:
         if self.balancer is not None:
-            self.callRemote(ws.Report, stats=ws.report(self.balancer.pools, self.sent))
+            self.callRemote(ws.Report, stats=ws.report(
+                self.balancer.pools, self.sent, self.balancer.listening))
 
     def connectionLost(self, reason: Any) -> None:
         amp.AMP.connectionLost(self, reason)

@@ -202,7 +202,7 @@ class WorkerSlot:
         self.master.totals.record(self, self.master.pools, stats, self.reactor.seconds())
         self.requests = sum(
             b["requests"] + b["connections"]
-            for p in stats.values() for b in p["backends"].values()
+            for p in stats["pools"].values() for b in p["backends"].values()
         )
 
     def ended(self, reason: Any) -> None:
@@ -304,6 +304,14 @@ class MasterBalancer(Balancer):
     @property
     def workerCount(self) -> int:
         return len(self.slots)
+
+    def connectionCounts(self) -> list[tuple[str, int]]:
+        """
+        The open client connections of each listener: the workers' (the
+        master accepts none).
+        """
+        counts = self.totals.connections(len(self.listening))
+        return [(endpoint, n) for (endpoint, _), n in zip(self.listening, counts)]
 
     def workerStatus(self) -> list[dict[str, Any]]:
         return [slot.status() for slot in self.slots]

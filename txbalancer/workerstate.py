@@ -245,14 +245,16 @@ def applyState(pools: Any, state: dict[str, Any], workers: int,
 _COUNTERS = ("requests", "failures", "connections", "bytesIn", "bytesOut", "ejections")
 
 
-def report(pools: Any, sent: dict[Any, int]) -> dict[str, Any]:
+def report(pools: Any, sent: dict[Any, int], listening: Any = ()) -> dict[str, Any]:
     """
     What a worker reports: per pool, requests in flight and retries, and
     per backend (in use or leaving) its counters, in flight, responses by
-    class, histogram and the response times recorded since the last report.
+    class, histogram and the response times recorded since the last report;
+    the open client connections of each listener.
 
     @param sent: per Backend, how many responses the last report covered;
         updated.
+    @param listening: the balancer's C{(endpoint, factory)} listeners.
     """
     result: dict[str, Any] = {}
     for name, runtime in pools.items():
@@ -276,7 +278,10 @@ def report(pools: Any, sent: dict[Any, int]) -> dict[str, Any]:
             "retries": runtime.forwarder.retries,
             "backends": backends,
         }
-    return result
+    return {
+        "pools": result,
+        "listeners": [len(factory.connections) for _, factory in listening],
+    }
 
 
 class Totals:
@@ -290,15 +295,14 @@ class Totals:
 
     def __init__(self) -> None:
         self.last: dict[Any, dict[str, Any]] = {}
-        self.inFlight: dict[str, int] = {}
 
     def record(self, slot: Any, pools: Any, stats: dict[str, Any], now: float) -> None:
         """
         Add the increments of C{slot}'s new report C{stats} to C{pools}.
         """
-        previous = self.last.get(slot, {})
+        previous = self.last.get(slot, {}).get("pools", {})
         self.last[slot] = stats
-        for name, pstats in stats.items():
+        for name, pstats in stats["pools"].items():
             runtime = pools.get(name)
             if runtime is None:
                 continue
@@ -324,6 +328,17 @@ class Totals:
                 s.addRecent(b["recent"], now)
         self.gauges(pools)
 
+    def connections(self, n: int) -> list[int]:
+        """
+        The open client connections of each of C{n} listeners, summed over
+        the live workers.
+        """
+        totals = [0] * n
+        for stats in self.last.values():
+            for i, count in enumerate(stats.get("listeners", ())[:n]):
+                totals[i] += count
+        return totals
+
     def forget(self, slot: Any, pools: Any) -> None:
         """
         C{slot}'s process ended: what it counted stays, its requests in
@@ -342,7 +357,7 @@ class Totals:
             inFlight = 0
             active: dict[Any, int] = {}
             for stats in self.last.values():
-                pstats = stats.get(name)
+                pstats = stats["pools"].get(name)
                 if pstats is None:
                     continue
                 inFlight += pstats["in_flight"]

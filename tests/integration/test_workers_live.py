@@ -98,12 +98,17 @@ def test_two_workers_spread_requests_and_status_shows_the_totals(backend, balanc
         return shown == received
 
     wait_for(totals_match, 5 + MARGIN, f"/status totals {received}")
+    # An open client connection is counted by the worker holding it.
+    with RawClient(lb.port) as idle:
+        assert idle.request("GET", "/idle").status == 200
+        wait_for(lambda: status(admin_port)["listeners"][0]["connections"] == 1,
+                 5 + MARGIN, "the open connection in /status")
     metrics = admin(admin_port, "GET", "/metrics").text
     total = sum(
         float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
         if line.startswith("txbalancer_backend_requests_total{") and 'code="2xx"' in line
     )
-    assert total == len(ports), total
+    assert total == len(ports) + 1, total  # and /idle
 
 
 def test_kill_9_of_a_worker_under_load(backend, balancer):

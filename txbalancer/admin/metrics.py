@@ -174,8 +174,8 @@ class BalancerCollector:
             poolInFlight.add_metric([name], runtime.forwarder.inFlight)
             queue.add_metric([name], len(runtime.pool.waiting))
             retries.add_metric([name], runtime.forwarder.retries)
-        for endpoint, factory in balancer.listening:
-            connections.add_metric([endpoint], len(factory.connections))
+        for endpoint, n in balancer.connectionCounts():
+            connections.add_metric([endpoint], n)
         yield from (
             requests, attempts, failures, latency, inFlight, up, state, weight,
             checks, ejections, ejected, poolInFlight, queue, retries, connections,

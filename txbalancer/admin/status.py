@@ -103,8 +103,8 @@ def balancerStatus(balancer: Any) -> dict[str, Any]:
         "workers": getattr(balancer, "workerCount", 1),
         "time": now,
         "listeners": [
-            {"endpoint": endpoint, "connections": len(factory.connections)}
-            for endpoint, factory in balancer.listening
+            {"endpoint": endpoint, "connections": n}
+            for endpoint, n in balancer.connectionCounts()
         ],
     }
     # --workers N: the master's balancer (txbalancer.workers) says how each
