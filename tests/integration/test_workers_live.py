@@ -254,3 +254,47 @@ def test_workers_option_is_checked(balancer_command, tmp_path):
     )
     assert out.returncode != 0
     assert "--workers" in out.stdout + out.stderr
+
+
+def test_tls_listener_with_two_workers(backend, balancer, tmp_path):
+    """A --tls listener with --workers 2: both workers terminate TLS with
+    the certificate and serve HTTPS requests."""
+    import socket
+    import ssl
+
+    from test_tls import PKI  # tests/ is on sys.path
+
+    from .support import free_port
+
+    spec = PKI(str(tmp_path)).server("www", "www.example")
+    b = backend()
+    tls_port = free_port()
+    lb, admin_port = start_workers(
+        balancer, [b], "--tls", f"{tls_port}:cert={spec.cert}:key={spec.key}:interface={HOST}")
+    ctx = ssl.create_default_context(cafile=spec.cert)
+
+    def one(i: int) -> int:
+        raw = socket.create_connection((HOST, tls_port), timeout=15)
+        s = ctx.wrap_socket(raw, server_hostname="www.example")
+        with RawClient.wrap(s) as client:
+            resp = client.request("GET", f"/tls/{i}", host="www.example")
+        return port_of(resp)
+
+    for _ in range(20):
+        with ThreadPoolExecutor(4) as pool:
+            assert set(pool.map(one, range(40))) == {b.port}
+        time.sleep(1.2)
+        if all(w["requests"] for w in status(admin_port)["worker_processes"]):
+            break
+    assert all(w["requests"] for w in status(admin_port)["worker_processes"])
+
+
+def test_workers_exit_when_the_master_dies(backend, balancer):
+    """The master killed with SIGKILL: its workers see the channel close,
+    drain and exit."""
+    lb, admin_port = start_workers(balancer, [backend()])
+    pids = worker_pids(admin_port)
+    os.kill(lb.pid, signal.SIGKILL)
+    lb.proc.wait(10)
+    for pid in pids:
+        wait_for(lambda: not pid_alive(pid), 10 + MARGIN, f"worker {pid} gone")
