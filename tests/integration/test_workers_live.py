@@ -298,3 +298,31 @@ def test_workers_exit_when_the_master_dies(backend, balancer):
     lb.proc.wait(10)
     for pid in pids:
         wait_for(lambda: not pid_alive(pid), 10 + MARGIN, f"worker {pid} gone")
+
+
+def _reloadsBackendsFiles() -> bool:
+    from txbalancer.balancer import Balancer
+
+    return hasattr(Balancer, "apply")
+
+
+@pytest.mark.skipif(not _reloadsBackendsFiles(),
+                    reason="SIGHUP re-reads the backends file once the reload work is in")
+def test_sighup_with_a_changed_backends_file_reaches_every_worker(backend, balancer):
+    """SIGHUP after the backends file changed: the master reloads and both
+    workers send only to the new set of backends."""
+    from .support import write_backends
+
+    a, b, c = backend(), backend(), backend()
+    lb, admin_port = start_workers(balancer, [a, b])
+    write_backends(lb.backends_file, [b, c])
+    os.kill(lb.pid, signal.SIGHUP)
+    wait_for(lambda: {x["address"] for x in status(admin_port)["pools"]["default"]["backends"]}
+             == {b.address, c.address}, 5 + MARGIN, "the reload in the master")
+    time.sleep(0.5)  # pushed within 0.2 s
+    before = {w["pid"]: w["requests"] for w in status(admin_port)["worker_processes"]}
+    ports = until_both_served(lb.port, admin_port, "/reloaded/")
+    after = {w["pid"]: w["requests"] for w in status(admin_port)["worker_processes"]}
+    assert all(after[p] > before[p] for p in after), (before, after)
+    assert set(ports) == {b.port, c.port}, ports
+    assert a.counts("/reloaded/")["started"] == 0
