@@ -32,6 +32,9 @@ from twisted.logger import Logger
 
 log = Logger()
 
+# At most this many characters of lines go in one write().
+_BATCH = 65536
+
 _MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 FORMATS = ("combined", "json")
 
@@ -90,8 +93,11 @@ class ThreadedFileWriter:
         )
         self._thread.start()
 
-    def _open(self) -> IO[str]:
-        return open(self.path, "a", encoding="utf-8")
+    def _open(self) -> Any:
+        # Unbuffered, appending: each batch of whole lines is one write(),
+        # so several processes appending to the file (--workers) never cut
+        # each other's lines.
+        return open(self.path, "ab", buffering=0)
 
     def write(self, line: str) -> None:
         try:
@@ -122,22 +128,35 @@ class ThreadedFileWriter:
 
     def _run(self) -> None:
         f = self._file
+        pending: list[str] = []
+        size = 0
         while True:
             item = self._queue.get()
             try:
-                if item is self._CLOSE:
+                if item is self._CLOSE or item is self._REOPEN:
+                    lines, pending, size = pending, [], 0
+                    self._writeLines(f, lines)
                     f.close()
-                    return
-                if item is self._REOPEN:
-                    f.close()
+                    if item is self._CLOSE:
+                        return
                     f = self._file = self._open()
                     continue
-                f.write(item)
-                if self._queue.empty():
-                    f.flush()
+                pending.append(item)
+                size += len(item)
+                if size >= _BATCH or self._queue.empty():
+                    lines, pending, size = pending, [], 0
+                    self._writeLines(f, lines)
             except OSError as e:
                 # A full disk or a vanished directory: keep going, say so.
                 sys.stderr.write(f"txbalancer: access log {self.path}: {e}\n")
+
+    @staticmethod
+    def _writeLines(f: Any, lines: list[str]) -> None:
+        if not lines:
+            return
+        data = memoryview("".join(lines).encode("utf-8"))
+        while data:
+            data = data[f.write(data):]
 
 
 class AccessLog:

@@ -326,3 +326,19 @@ def test_sighup_with_a_changed_backends_file_reaches_every_worker(backend, balan
     assert all(after[p] > before[p] for p in after), (before, after)
     assert set(ports) == {b.port, c.port}, ports
     assert a.counts("/reloaded/")["started"] == 0
+
+
+def test_access_log_written_by_both_workers(backend, balancer, tmp_path):
+    """--access-log with --workers 2: both workers append to the one file,
+    one whole line per request, none cut or lost."""
+    import re
+
+    path = tmp_path / "access.log"
+    lb, admin_port = start_workers(balancer, [backend()], "--access-log", str(path))
+    ports = until_both_served(lb.port, admin_port, "/log/")
+    assert lb.stop() == 0
+    lines = [line for line in path.read_text().splitlines() if "/log/" in line]
+    pattern = re.compile(r'^127\.0\.0\.1 - - \[[^\]]+\] "GET /log/\d+ HTTP/1\.1" 200 \d+ ')
+    bad = [line for line in lines if not pattern.match(line)]
+    assert bad == [], bad[:5]
+    assert len(lines) == len(ports)
