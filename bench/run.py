@@ -376,6 +376,8 @@ def balancer_target(args, backends: Backends, strategy: str | None) -> Target:
         ]
         if strategy is not None:
             argv += ["--strategy", strategy]
+        if args.workers != 1:
+            argv += ["--workers", str(args.workers)]
         name = "txbalancer" if strategy is None else f"txbalancer-{strategy}"
         return [Proc(name, argv, workdir)]
 
@@ -771,6 +773,8 @@ def parse_args(argv: list[str]):
         help="balancer strategies for --case slow-backend",
     )
     p.add_argument("--backends", type=int, default=3, help="number of Node backends")
+    p.add_argument("--workers", type=int, default=1,
+                   help="txbalancer --workers N (the master and N worker processes)")
     p.add_argument(
         "--upstream-keepalive",
         type=int,
