@@ -565,7 +565,7 @@ class Balancer(MultiService):
             serverTLS = self._serverTLS()
         for listener in config.listeners:
             try:
-                endpoint = serverFromString(self.reactor, listener.endpoint)
+                endpoint = self.endpointFor(listener)
             except ConfigError:
                 raise
             except Exception as e:  # Twisted's parsers raise what they like
@@ -601,6 +601,15 @@ class Balancer(MultiService):
             self.listenOn(endpoint, factory)
         if config.admin:
             self.listenAdmin()
+
+    def endpointFor(self, listener: ListenerConfig) -> Any:
+        """
+        The server endpoint of C{listener}: its endpoint string parsed (a
+        worker of C{--workers} adopts the socket its master passed instead).
+        """
+        from twisted.internet.endpoints import serverFromString
+
+        return serverFromString(self.reactor, listener.endpoint)
 
     def adminResource(self, token: Optional[str] = None) -> Any:
         """

@@ -55,16 +55,19 @@ class _AdoptedEndpoint:
 class WorkerBalancer(Balancer):
     """
     A L{Balancer} whose listeners are the sockets the master passed: the
-    i-th listener of the configuration adopts the i-th of C{adopted}.
+    i-th listener of the configuration adopts the i-th of C{adopted} (its
+    endpoint string is not parsed: a C{systemd:} one names the master's
+    inherited descriptors).
     """
 
     def __init__(self, *args: Any, adopted: Any = (), **kwargs: Any) -> None:
         Balancer.__init__(self, *args, **kwargs)
         self.adopted = list(adopted)
 
-    def listenOn(self, endpoint: Any, factory: Any) -> Any:
+    def endpointFor(self, listener: Any) -> Any:
+        # Called for each listener in order, before its listenOn.
         fd, family = self.adopted[len(self.listeners)]
-        return Balancer.listenOn(self, _AdoptedEndpoint(self.reactor, fd, family), factory)
+        return _AdoptedEndpoint(self.reactor, fd, family)
 
 
 class WorkerProtocol(amp.AMP):

@@ -20,8 +20,10 @@ from .support import HOST, START_TIMEOUT, stop_process, tail, twistd_command, wr
 pytestmark = pytest.mark.integration
 
 
-def test_systemd_socket_activation(backend, tmp_path):
-    """twistd balancer serves on a socket it inherited, as from etc/txbalancer.socket."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_systemd_socket_activation(backend, tmp_path, workers):
+    """twistd balancer serves on a socket it inherited, as from
+    etc/txbalancer.socket; with --workers 2, the workers serve on it."""
     b = backend()
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -32,6 +34,7 @@ def test_systemd_socket_activation(backend, tmp_path):
     args = twistd_command(
         "--nodaemon", "--pidfile=", "balancer",
         "--port", "systemd:domain=INET:index=0", "--backends", str(backends),
+        "--workers", str(workers),
     )
     fd = listener.fileno()
     # What systemd does before exec: the socket becomes fd 3, and
@@ -63,5 +66,12 @@ def test_systemd_socket_activation(backend, tmp_path):
             time.sleep(0.05)
         resp = get(port, "/activated")
         assert resp.status == 200, (resp, tail(log))
+        if workers > 1:
+            # Both workers adopted the inherited socket.
+            while log.read_text(errors="replace").count(") serving") < 2:
+                assert proc.poll() is None, tail(log)
+                assert time.monotonic() < deadline + START_TIMEOUT, tail(log)
+                time.sleep(0.05)
+            assert get(port, "/again").status == 200
     finally:
         stop_process(proc)
