@@ -251,3 +251,39 @@ class ReportTests(SynchronousTestCase):
         second = ws.report(lb.balancer.pools, sent)
         b = second["pools"]["default"]["backends"][("http", "127.0.0.1", 3001)]
         self.assertEqual((b["requests"], b["recent"]), (2, []))
+
+
+class MasterPushTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.master = MasterBalancer(["127.0.0.1:3001", "127.0.0.1:3002"],
+                                     reactor=self.reactor, workers=2)
+        self.sent: list = []
+        for slot in self.master.slots:
+            slot.send = (lambda slot: lambda command, **kw:
+                         self.sent.append((slot.index, command, kw)))(slot)
+
+    def test_state_pushed_on_change_only(self) -> None:
+        """A change of a backend's state (here a disable) is sent to every
+        worker once; no change, nothing sent."""
+        master = self.master
+        master.lastState = ws.snapshot(master.pools)
+        master.pushState()
+        self.assertEqual(self.sent, [])
+        master.defaultPool.pool.disable(master.defaultPool.pool.backends[0])
+        master.pushState()
+        master.pushState()
+        self.assertEqual([(i, c) for i, c, _ in self.sent], [(0, ws.SetState), (1, ws.SetState)])
+        self.assertEqual(self.sent[0][2]["state"]["default"][0][1:], ("up", True))
+
+    def test_reload_sends_the_configuration(self) -> None:
+        """A reload in the master sends every worker its configuration, the
+        state and the shared secret."""
+        self.master.reload()
+        self.assertEqual([(i, c) for i, c, _ in self.sent],
+                         [(0, ws.Configure), (1, ws.Configure)])
+        kw = self.sent[1][2]
+        self.assertIs(kw["config"], self.master.config)
+        self.assertEqual((kw["index"], kw["workers"]), (1, 2))
+        self.assertEqual(len(kw["secret"]), 32)
+        self.assertEqual(kw["secret"], self.sent[0][2]["secret"])

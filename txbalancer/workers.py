@@ -342,8 +342,6 @@ class MasterBalancer(Balancer):
         Reload as one process does, then send every worker the
         configuration and the backend state.
         """
-        d = defer.maybeDeferred(Balancer.reload, self)
-
         def push(result: Any) -> Any:
             self.lastState = ws.snapshot(self.pools)
             for slot in self.slots:
@@ -352,7 +350,12 @@ class MasterBalancer(Balancer):
                           workers=len(self.slots))
             return result
 
-        return d.addCallback(push)
+        # As one process: a broken file raises (nothing changed, nothing
+        # pushed); a reload that returns a Deferred pushes when it fires.
+        result = Balancer.reload(self)
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(push)
+        return push(result)
 
     def reopenLogs(self) -> None:
         Balancer.reopenLogs(self)
