@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 from twisted.protocols import amp
 
 from txbalancer import workerstate as ws
@@ -70,14 +70,51 @@ class WorkerBalancer(Balancer):
         return _AdoptedEndpoint(self.reactor, fd, family)
 
 
+class ForwardingObserver:
+    """
+    The worker's log observer: each event goes to the master over AMP
+    (L{workerstate.Log}) while the channel is up, else to standard error.
+    """
+
+    def __init__(self, fallback: Any) -> None:
+        self.fallback = fallback
+        self.channel: Any = None
+        self._inside = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        channel = self.channel
+        if channel is None or self._inside:
+            self.fallback(event)
+            return
+        self._inside = True
+        try:
+            text = formatEvent(event)
+            failure = event.get("log_failure")
+            if failure is not None:
+                text += "\n" + failure.getTraceback()
+            level = event.get("log_level")
+            channel.callRemote(ws.Log, level=getattr(level, "name", "info"),
+                               text=text[:_MAX_LOG_TEXT])
+        except Exception:
+            self.fallback(event)
+        finally:
+            self._inside = False
+
+
+# An AMP value is at most 65535 bytes (of UTF-8).
+_MAX_LOG_TEXT = 16000
+
+
 class WorkerProtocol(amp.AMP):
     """
     The worker's end of the AMP channel: it answers the master's commands
     and reports its counters.
     """
 
-    def __init__(self, reactor: Any, adopted: Any) -> None:
+    def __init__(self, reactor: Any, adopted: Any, logs: Optional[ForwardingObserver] = None
+                 ) -> None:
         amp.AMP.__init__(self)
+        self.logs = logs
         self.reactor = reactor
         self.adopted = adopted
         self.balancer: Optional[WorkerBalancer] = None
@@ -86,6 +123,12 @@ class WorkerProtocol(amp.AMP):
         self.sent: dict[Any, int] = {}
         self._reporting: Any = None
         self._stopping = False
+        self._drained: Optional[defer.Deferred[None]] = None
+
+    def connectionMade(self) -> None:
+        amp.AMP.connectionMade(self)
+        if self.logs is not None:
+            self.logs.channel = self
 
     @ws.Configure.responder
     def configure(self, config: Any, state: Any, secret: bytes, index: int,
@@ -104,7 +147,8 @@ class WorkerProtocol(amp.AMP):
             balancer.listen()
             ws.applyState(balancer.pools, state, workers, self.told)
             balancer.startService()
-            self.reactor.addSystemEventTrigger("before", "shutdown", balancer.stopService)
+            # SIGTERM or SIGINT to this process: drain, as on Drain.
+            self.reactor.addSystemEventTrigger("before", "shutdown", self.drained)
             from twisted.internet.task import LoopingCall
 
             self._reporting = LoopingCall(self.report)
@@ -148,7 +192,7 @@ class WorkerProtocol(amp.AMP):
     @ws.Drain.responder
     def drain(self) -> dict[str, Any]:
         log.info("the master says: drain and exit")
-        self.reactor.callLater(0, self._stop)
+        self.reactor.callLater(0, self._drainThenClose)
         return {}
 
     def report(self) -> None:
@@ -156,16 +200,36 @@ class WorkerProtocol(amp.AMP):
             self.callRemote(ws.Report, stats=ws.report(
                 self.balancer.pools, self.sent, self.balancer.listening))
 
+    def drained(self) -> "defer.Deferred[None]":
+        """
+        The graceful stop of this worker's balancer (started on the first
+        call): stop accepting, let the requests in flight finish.
+        """
+        if self._drained is None:
+            if self._reporting is not None and self._reporting.running:
+                self._reporting.stop()
+            balancer = self.balancer
+            self._drained = (defer.maybeDeferred(balancer.stopService)
+                             if balancer is not None else defer.succeed(None))
+        return self._drained
+
+    def _drainThenClose(self) -> None:
+        # Close the channel once drained: what is still buffered for the
+        # master (the last log lines) is written first; then connectionLost
+        # stops the reactor.
+        self._stopping = True
+        self.drained().addBoth(lambda _: self.transport.loseConnection())
+
     def connectionLost(self, reason: Any) -> None:
+        if self.logs is not None:
+            self.logs.channel = None
         amp.AMP.connectionLost(self, reason)
-        if self._reporting is not None and self._reporting.running:
-            self._reporting.stop()
         if self.reactor.running and not self._stopping:
             log.info("the master's channel closed: draining and exiting")
-        self._stop()
-
-    def _stop(self) -> None:
         self._stopping = True
+        self.drained().addBoth(lambda _: self._stopReactor())
+
+    def _stopReactor(self) -> None:
         if self.reactor.running:
             self.reactor.stop()
 
@@ -198,9 +262,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         event = dict(event, log_system=system)
         return formatEventAsClassicLogText(event)
 
-    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stderr, tagged)],
-                                     redirectStandardIO=False)
-    factory = Factory.forProtocol(lambda: WorkerProtocol(reactor, args.listen))
+    logs = ForwardingObserver(FileLogObserver(sys.stderr, tagged))
+    globalLogBeginner.beginLoggingTo([logs], redirectStandardIO=False)
+    factory = Factory.forProtocol(lambda: WorkerProtocol(reactor, args.listen, logs))
     reactor.adoptStreamConnection(args.amp_fd, socket.AF_UNIX, factory)
     os.close(args.amp_fd)
     reactor.run()

@@ -36,7 +36,7 @@ from typing import Any, Optional
 from twisted.internet import defer, error
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import LogLevel, Logger
 from twisted.protocols import amp
 
 from txbalancer import workerstate as ws
@@ -91,6 +91,16 @@ class MasterChannel(amp.AMP):
     def connectionMade(self) -> None:
         amp.AMP.connectionMade(self)
         self.slot.channelMade(self)
+
+    @ws.Log.responder
+    def logged(self, level: str, text: str) -> dict[str, Any]:
+        try:
+            logLevel = LogLevel.levelWithName(level)
+        except Exception:
+            logLevel = LogLevel.info
+        log.emit(logLevel, "{text}", text=text,
+                 log_system=f"worker {self.slot.index} pid {self.slot.pid}")
+        return {}
 
     @ws.Report.responder
     def reported(self, stats: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ Master to worker::
 
 Worker to master::
 
+    Log         a log event of the worker, formatted
     Report      every second: per backend the counters since start
                 (requests, failures, in flight, responses by class, the
                 latency histogram) and the response times since the last
@@ -56,6 +57,7 @@ __all__ = [
     "Blob",
     "Configure",
     "Drain",
+    "Log",
     "Reopen",
     "Report",
     "SetState",
@@ -119,6 +121,17 @@ class Reopen(amp.Command):
 class Drain(amp.Command):
     arguments: list[Any] = []
     response: list[Any] = []
+
+
+class Log(amp.Command):
+    """
+    Worker to master: one log event of the worker, formatted, for the
+    master's log (so a daemonized twistd's log has its workers' lines).
+    """
+
+    arguments = [(b"level", amp.Unicode()), (b"text", amp.Unicode())]
+    response: list[Any] = []
+    requiresAnswer = False
 
 
 class Report(amp.Command):

@@ -342,3 +342,32 @@ def test_access_log_written_by_both_workers(backend, balancer, tmp_path):
     bad = [line for line in lines if not pattern.match(line)]
     assert bad == [], bad[:5]
     assert len(lines) == len(ports)
+
+
+def test_daemonized_master_logs_its_workers(backend, tmp_path):
+    """A daemonized twistd (no -n) with --workers 2: the workers' log lines,
+    their graceful stop included, are in the master's log file."""
+    import subprocess
+
+    from .support import free_port, twistd_command, write_backends
+
+    port = free_port()
+    pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
+    backends = write_backends(tmp_path / "backends.txt", [backend()])
+    subprocess.run(
+        twistd_command(f"--pidfile={pidfile}", f"--logfile={logfile}", "balancer",
+                       "--port", f"tcp:{port}:interface={HOST}",
+                       "--backends", str(backends), "--workers", "2"),
+        cwd=tmp_path, check=True, timeout=60)
+    pid = wait_for(lambda: pidfile.exists() and int(pidfile.read_text()), 15, "the pid file")
+    try:
+        wait_for(lambda: logfile.read_text().count(") serving") == 2, START_TIMEOUT,
+                 "both workers serving")
+        assert get(port, "/daemon").status == 200
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not pid_alive(pid), 30, "the master gone")
+    text = logfile.read_text()
+    for index in (0, 1):
+        assert f"[worker {index} pid " in text
+    assert text.count("] stopped") >= 3, text[-3000:]  # both workers and the master
