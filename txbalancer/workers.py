@@ -28,7 +28,6 @@ proxy.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 from typing import Any, Optional

@@ -17,7 +17,7 @@ import pytest
 
 from .admin_support import Traffic, admin, backend_status, start_with_admin, status
 from .httpraw import RawClient, build_request, get
-from .support import FAST_HEALTH, HOST, MARGIN, START_TIMEOUT, accepts, pid_alive, port_of, wait_for
+from .support import HOST, MARGIN, START_TIMEOUT, accepts, pid_alive, port_of, wait_for
 
 pytestmark = pytest.mark.integration
 
