@@ -36,6 +36,7 @@ class Backend:
         "available",
         "state",
         "backup",
+        "priority",
         "maxConns",
     )
 
@@ -52,6 +53,7 @@ class Backend:
         self.available = True
         self.state = "up"
         self.backup: bool = spec.backup
+        self.priority: int = spec.priority
         self.maxConns: int = spec.max_conns
 
     def __repr__(self) -> str:
@@ -68,6 +70,7 @@ class Backend:
             "available": self.available,
             "state": self.state,
             "backup": self.backup,
+            "priority": self.priority,
             "active": self.active,
             "requests": self.requests,
             "failures": self.failures,

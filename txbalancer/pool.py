@@ -6,8 +6,10 @@ this request?
 Which backends may be picked follows from their health, in one place
 (L{BackendPool._refresh}):
 
-- the primary backends that are up;
-- if none is up, the C{backup} backends that are up;
+- the primary backends (the lowest C{priority} present; C{priority=0} by
+  default) that are up;
+- if none is up, the backends of the next priority level that has one up
+  (C{backup} is priority 1; DNS SRV priorities become levels too);
 - in panic (fewer than C{panicThreshold} percent of the primaries up), all
   the primaries, up or not: better to spread the load over everything than
   to drown the few survivors.
@@ -74,9 +76,16 @@ class BackendPool(Service):
         self._refresh()
 
     def _refresh(self) -> None:
-        primaries = [b for b in self.backends if not b.backup]
+        levels = sorted({b.priority for b in self.backends})
+        primaries = [b for b in self.backends if levels and b.priority == levels[0]]
         up = [b for b in primaries if b.state == "up"]
-        available = up or [b for b in self.backends if b.backup and b.state == "up"]
+        available = up
+        for level in levels[1:]:
+            if available:
+                break
+            available = [
+                b for b in self.backends if b.priority == level and b.state == "up"
+            ]
         panic = bool(
             self.panicThreshold
             and primaries
@@ -135,13 +144,15 @@ class BackendPool(Service):
     def update(self, backend: Backend, spec: Any) -> None:
         """
         C{backend} keeps its state, counters and connections, and takes the
-        weight, C{max_conns} and C{backup} of C{spec} (same address).
+        weight, C{max_conns} and C{priority} (C{backup}) of C{spec} (same
+        address).  A weight change reaches the chooser at once.
         """
         backend.spec = spec
         if backend not in self._ramping:
             backend.weight = spec.weight
         backend.maxConns = spec.max_conns
         backend.backup = spec.backup
+        backend.priority = spec.priority
         self._limited = any(b.maxConns for b in self.backends)
         self._refresh()
         self._wakeWaiters()
