@@ -29,6 +29,7 @@ C{drainTimeout} seconds), close the backend connections, stop the checks.
 
 from __future__ import annotations
 
+import dataclasses
 import random as _random
 import signal
 from functools import partial
@@ -80,6 +81,12 @@ class PoolRuntime:
     ) -> None:
         self.config = config
         self.name = config.name
+        # Set when a reload retires this pool: the loop waiting for it to
+        # be idle, and the Deferred of its stop.
+        self.retiring: Any = None
+        self.retired: Any = None
+        self._random = random
+        self._clock = reactor
         trustRoot = loadTrustRoot(config.backendCa) if config.backendCa else None
         # One TLS policy for https:// backends, shared by proxy and checks.
         tlsOptionsFor = partial(backendTLSOptions, trustRoot=trustRoot)
@@ -159,6 +166,97 @@ class PoolRuntime:
     @property
     def inFlight(self) -> int:
         return self.forwarder.inFlight
+
+    # -- a reload
+
+    # The pool settings a running pool cannot take in place: the health
+    # state machines count rise/fall from their start, ejection and the
+    # backends' TLS trust are built in.  A change of any of them gives the
+    # pool a new PoolRuntime (its backends start over: up, unchecked) and
+    # the old one finishes its requests in flight.  Every other pool
+    # setting is applied in place by L{configure}.
+    REBUILD = frozenset(
+        ("rise", "fall", "noHealthChecks", "ejectAfter", "maxEjectedPercent",
+         "backendCa")
+    )
+
+    def configure(self, config: PoolConfig, balancerConfig: BalancerConfig) -> None:
+        """
+        Take the settings of C{config} (the same pool, reloaded) in place:
+        strategy (a new chooser), sticky cookie, queue, slow start,
+        timeouts, connection limits, health check path/host/status/interval/
+        timeout, panic threshold, and the balancer-wide settings its
+        forwarder reads.  Its backends are changed by L{applyBackends}.
+        """
+        old, self.config = self.config, config
+        pool, forwarder, upstreams = self.pool, self.forwarder, self.upstreams
+        if config.strategy != old.strategy:
+            pool.chooser = STRATEGIES[config.strategy](
+                random=self._random, clock=self._clock.seconds
+            )
+            forwarder.needsClientKey = config.strategy == "ip-hash"
+            log.info("pool {pool}: strategy is now {strategy}", pool=self.name,
+                     strategy=config.strategy)
+        forwarder.stickyCookie = (
+            config.stickyCookie.encode("ascii") if config.stickyCookie else None
+        )
+        pool.queueSize = config.queueSize
+        forwarder.queueTimeout = config.queueTimeout if config.queueSize else 0.0
+        pool.slowStart = config.slowStart
+        forwarder.backendTimeout = config.backendTimeout
+        upstreams.connectTimeout = config.connectTimeout
+        upstreams.maxIdlePerBackend = config.maxIdlePerBackend
+        upstreams.idleTimeout = config.upstreamIdleTimeout
+        host = config.healthHost
+        self.checker.configure(
+            path=config.healthPath,
+            host=host.encode("idna") if host else None,
+            interval=config.healthInterval,
+            timeout=config.healthTimeout,
+            statusRange=config.healthStatus,
+        )
+        b = balancerConfig
+        forwarder.trustedProxies = tuple(b.trustedProxies)
+        forwarder._trustCache.clear()
+        forwarder.hsts = (
+            (b"Strict-Transport-Security", b"max-age=%d" % (b.hsts,))
+            if b.hsts is not None
+            else None
+        )
+        forwarder.redirectHttps = b.redirectHttps
+        forwarder.httpsPort = _httpsPort(b.listeners)
+        if config.panicThreshold != pool.panicThreshold:
+            pool.panicThreshold = config.panicThreshold
+            pool._refresh()
+
+    def applyBackends(self, change: Any) -> list[Any]:
+        """
+        Apply a L{txbalancer.diff.BackendsDiff}: add the new backends (their
+        checks start), update the changed ones in place, remove the ones that
+        are gone (they finish their requests in flight).  Unchanged backends
+        keep their health, counters and kept-alive connections.
+
+        @return: the Deferreds of the removals.
+        """
+        byKey = {backend.spec.key: backend for backend in self.pool.backends}
+        for old, new in change.changed:
+            backend = byKey.get(new.key)
+            if backend is not None:
+                self.pool.update(backend, new)
+                log.info(
+                    "pool {pool}: backend {address} now weight={weight} "
+                    "max_conns={maxConns} priority={priority}",
+                    pool=self.name, address=backend.address, weight=new.weight,
+                    maxConns=new.max_conns, priority=new.priority,
+                )
+        for spec in change.added:
+            self.addBackend(spec)
+        removals = []
+        for spec in change.removed:
+            backend = byKey.get(spec.key)
+            if backend is not None:
+                removals.append(self.removeBackend(backend))
+        return removals
 
     # -- changing the set of backends while requests flow (reload, the
     # admin API, DNS discovery all come here)
@@ -243,6 +341,52 @@ def _poolFromLines(lines: Any) -> PoolConfig:
     return PoolConfig(backends=specs)
 
 
+class _Dispatch:
+    """
+    The handler every front end holds: C{dispatch(request, server)} asks
+    whatever serves requests now (the first pool's forwarder, or the router
+    of the routes).  A reload builds the new pools and routes first, then
+    swaps this one reference, so a request sees the old set or the new,
+    never a mix.
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: Any) -> None:
+        self.current = current
+
+    def __call__(self, request: Any, server: Any) -> Any:
+        return self.current(request, server)
+
+
+def rereadBackendsFiles(config: BalancerConfig) -> BalancerConfig:
+    """
+    C{config} with the backends of every pool whose source is a backends
+    file read again: the reload of a balancer built from command-line
+    options or Python (one from a config file re-reads the file).
+
+    @raise ConfigError: naming the file and line of the first mistake.
+    """
+    from txbalancer.config import load_backends
+
+    pools = []
+    for pool in config.pools:
+        if pool.source not in ("inline",) and not pool.source.startswith("srv:"):
+            pool = dataclasses.replace(
+                pool, backends=load_backends(pool.source)
+            )
+        pools.append(pool)
+    return config.replace(pools=tuple(pools))
+
+
+# Balancer-wide settings a reload applies in place (the pools' forwarders
+# read them); a change of any other (listeners, TLS, the access log, client
+# limits) is logged and takes effect at the next start.
+_LIVE_BALANCER_SETTINGS = frozenset(
+    ("trustedProxies", "hsts", "redirectHttps", "drainTimeout")
+)
+
+
 class Balancer(MultiService):
     """
     A load balancer over the pools of one L{BalancerConfig}.
@@ -264,6 +408,11 @@ class Balancer(MultiService):
         default; tests pass a fake).
     @param installSignalHandlers: whether SIGHUP reloads (twistd's service
         sets this; a library user's balancer leaves signals alone).
+    @param reloader: called by L{reload} for the new configuration: a
+        callable returning a L{BalancerConfig} (or raising L{ConfigError}).
+        C{tap.makeService} gives one that reads the files again with the
+        command line's overrides kept; by default every pool's backends
+        file is read again (L{rereadBackendsFiles}).
     """
 
     def __init__(
@@ -277,6 +426,7 @@ class Balancer(MultiService):
         healthClient: Any = None,
         cookieSecret: Optional[bytes] = None,
         installSignalHandlers: bool = False,
+        reloader: Optional[Callable[[], BalancerConfig]] = None,
         **settings: Any,
     ) -> None:
         MultiService.__init__(self)
@@ -298,23 +448,39 @@ class Balancer(MultiService):
             if config.accessLog
             else None
         )
-        randomness = random if random is not None else _random.Random()
+        self.reloader = reloader
+        self._random = random if random is not None else _random.Random()
+        self._jitter = jitter or _random.random
+        self._healthClient = healthClient
+        self._cookieSecret = cookieSecret
         self.pools: dict[str, PoolRuntime] = {}
         for poolConfig in config.pools:
-            self.pools[poolConfig.name] = PoolRuntime(
-                poolConfig,
-                config,
-                reactor,
-                random=randomness,
-                jitter=jitter or _random.random,
-                healthClient=healthClient,
-                accessLog=self.accessLog,
-                cookieSecret=cookieSecret,
-            )
+            self.pools[poolConfig.name] = self._runtime(poolConfig, config)
+        # Pools replaced or removed by a reload, finishing their requests.
+        self.retiring: list[PoolRuntime] = []
+        self._dispatch = _Dispatch(self._serving(config, self.pools))
         self.factories: list[Any] = []
         self.listeners: list[StreamServerEndpointService] = []
         self.serverTLS: list[Any] = []
         self._h2Factories: dict[int, Any] = {}
+
+    def _runtime(self, poolConfig: PoolConfig, config: BalancerConfig) -> PoolRuntime:
+        return PoolRuntime(
+            poolConfig,
+            config,
+            self.reactor,
+            random=self._random,
+            jitter=self._jitter,
+            healthClient=self._healthClient,
+            accessLog=self.accessLog,
+            cookieSecret=self._cookieSecret,
+        )
+
+    def _serving(self, config: BalancerConfig, pools: dict[str, PoolRuntime]) -> Any:
+        """
+        What requests are handed to under C{config} with C{pools}.
+        """
+        return next(iter(pools.values())).forwarder
 
     @classmethod
     def fromConfig(cls, path: str, **kwargs: Any) -> "Balancer":
@@ -340,8 +506,10 @@ class Balancer(MultiService):
     def handler(self) -> Any:
         """
         C{handler(request, server)}: the exchange that serves C{request}.
+        One object for the balancer's life: a reload changes what it hands
+        requests to, not the handler the front ends hold.
         """
-        return self.defaultPool.forwarder
+        return self._dispatch
 
     @property
     def inFlight(self) -> int:
@@ -472,7 +640,13 @@ class Balancer(MultiService):
             )
 
     def _sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload)
+        self.reactor.callFromThread(self._reloadOnSignal)
+
+    def _reloadOnSignal(self) -> None:
+        try:
+            self.reload()
+        except ConfigError:
+            pass  # logged by reload(); the old configuration runs on
 
     def _sigusr1(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reopenLogs)
@@ -486,15 +660,159 @@ class Balancer(MultiService):
             log.info("SIGUSR1: reopening the access log")
             self.accessLog.reopen()
 
-    def reload(self) -> None:
+    def reload(self) -> Any:
         """
-        SIGHUP: reload the TLS certificates and keys.  New handshakes use
-        the new ones, open connections go on; a broken file is logged and
-        the old certificate kept.
+        SIGHUP and C{POST /reload}: read the configuration again (the
+        config file, every backends file; see C{reloader}) and apply the
+        difference in place (L{apply}); reload the TLS certificates and
+        keys (new handshakes use the new ones, open connections go on).
+
+        @return: the L{txbalancer.diff.ConfigDiff} applied.
+        @raise ConfigError: when a file is broken: nothing changed, and the
+            reason is logged.
         """
-        log.info("SIGHUP: reloading certificates")
+        log.info("reloading the configuration and certificates")
         for serverTLS in self.serverTLS:
             serverTLS.reload()
+        try:
+            if self.reloader is not None:
+                new = self.reloader()
+            else:
+                new = rereadBackendsFiles(self.config)
+        except ConfigError as e:
+            log.error("reload failed, nothing changed: {error}", error=str(e))
+            raise
+        try:
+            return self.apply(new)
+        except ConfigError as e:
+            log.error("reload failed, nothing changed: {error}", error=str(e))
+            raise
+
+    def apply(self, new: BalancerConfig) -> Any:
+        """
+        Make C{new} the running configuration, changing only what differs
+        (L{txbalancer.diff.diffConfigs}):
+
+            - new pools start; a removed pool takes no new requests and
+              stops once its requests in flight are done;
+            - in a kept pool, new backends start their checks, removed ones
+              take no new requests and finish those in flight, changed ones
+              are updated in place and unchanged ones keep their health,
+              counters and pooled connections;
+            - pool settings are applied in place, except those in
+              L{PoolRuntime.REBUILD}, which give the pool a new runtime;
+            - pools and routes change in one step: everything new is built
+              first, then the one reference the front ends read is swapped.
+
+        Connections, streams and tunnels in flight are never cut.
+
+        @return: the L{txbalancer.diff.ConfigDiff} applied.
+        @raise ConfigError: when the new configuration cannot be built;
+            nothing changed then.
+        """
+        from txbalancer.diff import diffConfigs
+
+        old = self.config
+        new = self._keepDiscovered(new)
+        diff = diffConfigs(old, new)
+        if diff.empty:
+            log.info("reload: nothing changed")
+            self.config = new
+            return diff
+        # Build everything first: a failure here changes nothing.
+        replaced: dict[str, PoolRuntime] = {}
+        for change in diff.changed:
+            if PoolRuntime.REBUILD.intersection(change.settings):
+                replaced[change.name] = self._runtime(new.pool(change.name), new)
+        added = {p.name: self._runtime(p, new) for p in diff.added}
+        pools: dict[str, PoolRuntime] = {}
+        for poolConfig in new.pools:
+            name = poolConfig.name
+            pools[name] = replaced.get(name) or added.get(name) or self.pools[name]
+        serving = self._serving(new, pools)
+        # The swap.
+        retired = [self.pools[p.name] for p in diff.removed]
+        retired += [self.pools[name] for name in replaced]
+        self.pools = pools
+        self.config = new
+        self._dispatch.current = serving
+        # The kept pools change in place (same turn of the reactor: no
+        # request sees half of it).
+        for change in diff.changed:
+            runtime = pools[change.name]
+            if change.name in replaced:
+                log.info(
+                    "pool {pool}: {settings} changed: the pool starts afresh",
+                    pool=change.name, settings=", ".join(change.settings),
+                )
+                continue
+            runtime.configure(new.pool(change.name), new)
+            runtime.applyBackends(change.backends)
+        for name, runtime in list(replaced.items()) + list(added.items()):
+            if self.running:
+                runtime.start()
+        if diff.settings:
+            live = [s for s in diff.settings if s in _LIVE_BALANCER_SETTINGS]
+            if live:
+                for name in pools:
+                    if name not in replaced and name not in added:
+                        pools[name].configure(new.pool(name), new)
+            later = [s for s in diff.settings if s not in _LIVE_BALANCER_SETTINGS]
+            if later:
+                log.warn(
+                    "reload: {settings} changed; that takes effect when the "
+                    "balancer is restarted",
+                    settings=", ".join(later),
+                )
+        for runtime in retired:
+            self._retire(runtime)
+        self._discoveryChanged(diff)
+        log.info(
+            "reload applied: pools added {added}, removed {removed}, changed "
+            "{changed}{routes}",
+            added=", ".join(p.name for p in diff.added) or "none",
+            removed=", ".join(p.name for p in diff.removed) or "none",
+            changed=", ".join(
+                f"{c.name} ({c.backends.describe()})" for c in diff.changed
+            ) or "none",
+            routes="; routes changed" if diff.routes else "",
+        )
+        return diff
+
+    def _retire(self, runtime: PoolRuntime) -> None:
+        """
+        C{runtime} gets no new requests: stop it once those it has are done.
+        """
+        from twisted.internet.task import LoopingCall
+
+        self.retiring.append(runtime)
+        log.info("pool {pool}: retiring once idle ({n} requests in flight)",
+                 pool=runtime.name, n=runtime.inFlight)
+
+        def check() -> None:
+            if runtime.inFlight:
+                return
+            loop.stop()
+
+        def stopped(_: object) -> Any:
+            if runtime in self.retiring:
+                self.retiring.remove(runtime)
+            log.info("pool {pool}: retired", pool=runtime.name)
+            return runtime.stop()
+
+        loop = runtime.retiring = LoopingCall(check)
+        loop.clock = self.reactor
+        runtime.retired = loop.start(1.0, now=True).addCallback(stopped).addErrback(
+            lambda f: log.failure("retiring pool {pool}", f, pool=runtime.name)
+        )
+
+    # -- backends from DNS (filled in by discovery)
+
+    def _keepDiscovered(self, new: BalancerConfig) -> BalancerConfig:
+        return new
+
+    def _discoveryChanged(self, diff: Any) -> None:
+        pass
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -517,6 +835,13 @@ class Balancer(MultiService):
         for service in list(self):
             if service not in self.listeners:
                 yield defer.maybeDeferred(service.stopService)
+        # Retiring pools are idle by now (the drain is over): stop them.
+        retired = []
+        for runtime in list(self.retiring):
+            if runtime.retiring.running:
+                runtime.retiring.stop()
+            retired.append(runtime.retired)
+        yield defer.gatherResults(retired)
         yield defer.gatherResults([p.stop() for p in self.pools.values()])
         Service.stopService(self)
         if self.accessLog is not None:

@@ -158,7 +158,7 @@ class Options(usage.Options):
         except ConfigError as e:
             raise usage.UsageError(str(e))
         try:
-            pool = PoolConfig(backends=load_backends(self["backends"]), source=self["backends"])
+            pool = self._defaultPool()
         except ConfigError as e:
             # A broken backends file is not a usage mistake: say what and
             # where in one line, without twistd's page of help.
@@ -167,6 +167,29 @@ class Options(usage.Options):
             self["config"] = build([pool], values, listeners)
         except ConfigError as e:
             raise usage.UsageError(str(e))
+
+
+    def _defaultPool(self) -> PoolConfig:
+        """
+        The pool of C{--backends}: a backends file read now, or C{srv:NAME}
+        (its backends come from DNS once running).
+
+        @raise ConfigError: for a broken backends file.
+        """
+        source = self["backends"]
+        if source.startswith("srv:"):
+            return PoolConfig(backends=(), source=source)
+        return PoolConfig(backends=load_backends(source), source=source)
+
+    def reloadConfig(self) -> Any:
+        """
+        The configuration read again from its files, the command line's
+        values over it as at start-up: what SIGHUP applies.
+
+        @raise ConfigError: naming the file and line of a mistake.
+        """
+        listeners = self["port"] + self["tls"] or [ListenerConfig("tcp:8000")]
+        return build([self._defaultPool()], self.given(), listeners)
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
@@ -190,6 +213,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
             config=options["config"],
             reactor=reactor,
             installSignalHandlers=installSignalHandlers,
+            reloader=options.reloadConfig,
         )
         balancer.listen()
     except ConfigError as e:
