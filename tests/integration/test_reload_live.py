@@ -147,3 +147,25 @@ def test_reload_under_traffic_fails_no_request(backend, balancer):
     assert stream.failures == [], stream.failures[:5]
     print(f"requests: {stream.sent}, failures: {len(stream.failures)}, "
           f"served: {dict(stream.served)}")
+
+
+def test_stream_in_flight_survives_reloads(backend, balancer):
+    """A long streamed response keeps flowing to its end while SIGHUPs remove its backend."""
+    slow, other = backend(), backend()
+    lb = balancer([slow])
+    with RawClient(lb.port, timeout=30) as client:
+        client.send(
+            b"GET /__slow?chunks=12&interval=250 HTTP/1.1\r\nHost: lb\r\n\r\n"
+        )
+        time.sleep(0.5)  # the stream has begun
+        write_backends(lb.backends_file, [other])
+        sighup(lb)
+        lb.wait_for_log("reload applied", 10 * MARGIN)
+        # Removed while its stream was in flight:
+        assert lb.log_count(f"removing backend {slow.address} (1 requests in flight)") == 1
+        sighup(lb)  # a second reload: nothing changed
+        lb.wait_for_log("reload: nothing changed", 10 * MARGIN)
+        resp = client.response()
+    assert resp.status == 200, resp
+    assert resp.text.count("chunk ") == 12, resp.text
+    assert port_of(get(lb.port, "/after")) == other.port
