@@ -413,6 +413,8 @@ class Balancer(MultiService):
         C{tap.makeService} gives one that reads the files again with the
         command line's overrides kept; by default every pool's backends
         file is read again (L{rereadBackendsFiles}).
+    @param resolver: the C{IResolver} of C{srv:} pools (by default one for
+        C{dnsServer}, or the system's; tests pass a fake).
     """
 
     def __init__(
@@ -427,6 +429,7 @@ class Balancer(MultiService):
         cookieSecret: Optional[bytes] = None,
         installSignalHandlers: bool = False,
         reloader: Optional[Callable[[], BalancerConfig]] = None,
+        resolver: Any = None,
         **settings: Any,
     ) -> None:
         MultiService.__init__(self)
@@ -449,6 +452,9 @@ class Balancer(MultiService):
             else None
         )
         self.reloader = reloader
+        self.resolver = resolver
+        # The SRV lookups of the srv: pools, by pool name.
+        self.discoveries: dict[str, Any] = {}
         self._random = random if random is not None else _random.Random()
         self._jitter = jitter or _random.random
         self._healthClient = healthClient
@@ -627,6 +633,9 @@ class Balancer(MultiService):
         MultiService.startService(self)
         for serverTLS in self.serverTLS:
             serverTLS.watch(self.reactor, self.config.tlsReloadInterval)
+        for pool in self.config.pools:
+            if pool.source.startswith("srv:"):
+                self._startDiscovery(pool)
         if self.installSignalHandlers:
             signal.signal(signal.SIGHUP, self._sighup)
             signal.signal(signal.SIGUSR1, self._sigusr1)
@@ -710,10 +719,12 @@ class Balancer(MultiService):
         @raise ConfigError: when the new configuration cannot be built;
             nothing changed then.
         """
+        return self._apply(self._keepDiscovered(new))
+
+    def _apply(self, new: BalancerConfig) -> Any:
         from txbalancer.diff import diffConfigs
 
         old = self.config
-        new = self._keepDiscovered(new)
         diff = diffConfigs(old, new)
         if diff.empty:
             log.info("reload: nothing changed")
@@ -766,7 +777,7 @@ class Balancer(MultiService):
                 )
         for runtime in retired:
             self._retire(runtime)
-        self._discoveryChanged(diff)
+        self._discoveryChanged(old)
         log.info(
             "reload applied: pools added {added}, removed {removed}, changed "
             "{changed}{routes}",
@@ -806,19 +817,88 @@ class Balancer(MultiService):
             lambda f: log.failure("retiring pool {pool}", f, pool=runtime.name)
         )
 
-    # -- backends from DNS (filled in by discovery)
+    # -- backends from DNS
 
     def _keepDiscovered(self, new: BalancerConfig) -> BalancerConfig:
-        return new
+        """
+        C{new} (read from the files) with the backends that DNS gave each
+        C{srv:} pool that runs on with the same name: a reload does not
+        forget them until the next answer.
+        """
+        if not any(p.source.startswith("srv:") for p in new.pools):
+            return new
+        pools = []
+        for pool in new.pools:
+            if pool.source.startswith("srv:") and not pool.backends:
+                try:
+                    running = self.config.pool(pool.name)
+                except KeyError:
+                    running = None
+                if running is not None and running.source == pool.source:
+                    pool = dataclasses.replace(pool, backends=running.backends)
+            pools.append(pool)
+        return new.replace(pools=tuple(pools))
 
-    def _discoveryChanged(self, diff: Any) -> None:
-        pass
+    def _discovered(self, name: str, specs: Any) -> None:
+        """
+        DNS gave the C{srv:} pool C{name} the backends C{specs}: applied
+        through the same diff as a reload.
+        """
+        if name not in self.pools:
+            return
+        pools = tuple(
+            dataclasses.replace(p, backends=tuple(specs)) if p.name == name else p
+            for p in self.config.pools
+        )
+        self._apply(self.config.replace(pools=pools))
+
+    def _startDiscovery(self, pool: PoolConfig) -> None:
+        from txbalancer.discovery import SRVDiscovery, makeResolver
+
+        if self.resolver is None:
+            self.resolver = makeResolver(self.config.dnsServer, self.reactor)
+        discovery = SRVDiscovery(
+            pool.source[len("srv:"):],
+            self.resolver,
+            self.reactor,
+            partial(self._discovered, pool.name),
+        )
+        self.discoveries[pool.name] = discovery
+        discovery.start()
+
+    def _stopDiscovery(self, name: str) -> None:
+        discovery = self.discoveries.pop(name, None)
+        if discovery is not None:
+            discovery.stop()
+
+    def _discoveryChanged(self, old: BalancerConfig) -> None:
+        """
+        Start the lookups of new C{srv:} pools (or pools whose source
+        changed to one), stop those of pools gone or no longer C{srv:}.
+        """
+        if not self.running:
+            return
+        for pool in self.config.pools:
+            try:
+                before: Optional[str] = old.pool(pool.name).source
+            except KeyError:
+                before = None
+            if before != pool.source:
+                self._stopDiscovery(pool.name)
+                if pool.source.startswith("srv:"):
+                    self._startDiscovery(pool)
+        names = {pool.name for pool in self.config.pools}
+        for name in list(self.discoveries):
+            if name not in names:
+                self._stopDiscovery(name)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         log.info("stopping: no longer accepting connections")
         for serverTLS in self.serverTLS:
             serverTLS.stopWatching()
+        for name in list(self.discoveries):
+            self._stopDiscovery(name)
         yield defer.gatherResults(
             [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
         )

@@ -209,6 +209,45 @@ def hstsSeconds(value: Any, option: str) -> Optional[int]:
     return _number(int, 0)(value, option)
 
 
+def dnsServer(value: Any, option: str) -> Optional[str]:
+    """
+    C{HOST:PORT} of a DNS server (an IP address; C{[::1]:53} for IPv6; the
+    port is 53 when left out), normalised to C{HOST:PORT}.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{option}: expected HOST:PORT of a DNS server, got {value!r}")
+    host, port = splitDnsServer(value.strip(), option)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def splitDnsServer(value: str, option: str = "--dns-server") -> tuple[str, int]:
+    """
+    C{(host, port)} of a C{--dns-server} value.
+    """
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        portText = rest[1:] if rest.startswith(":") else ("" if not rest else None)
+    elif value.count(":") == 1:
+        host, _, portText = value.partition(":")
+    else:
+        host, portText = value, ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"{option}: {value!r} is not HOST:PORT with HOST an IP address "
+            "(e.g. 127.0.0.1:8600)"
+        ) from None
+    if portText is None or (portText and not portText.isdigit()):
+        raise ConfigError(f"{option}: bad port in {value!r} (expected HOST:PORT)")
+    port = int(portText) if portText else 53
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{option}: bad port in {value!r} (expected 1-65535)")
+    return host, port
+
+
 # -- the fields
 
 
@@ -437,6 +476,11 @@ class BalancerConfig:
         "tls-reload-interval", 10.0, seconds,
         "Seconds between checks of the certificate files' modification "
         "times (changed files are reloaded; SIGHUP reloads at once).")
+    # -- dns
+    dnsServer: Optional[str] = setting(
+        "dns-server", None, dnsServer,
+        "HOST:PORT of the DNS server that srv: backends are looked up on "
+        "(Consul: 127.0.0.1:8600). [default: the system's resolvers]")
 
     def pool(self, name: str) -> PoolConfig:
         for pool in self.pools:
