@@ -9,12 +9,18 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(exclude=["tests*", "bench*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/txbalancer_plugin.py"]},
+    package_data={
+        "twisted": ["plugins/txbalancer_plugin.py", "plugins/txbalancer_endpoints.py"]
+    },
     install_requires=[
         "twisted>=23.10",
         "treq>=23.11",
         "pyopenssl>=23.2",
         "service-identity>=23.1",
+        # HTTP/2 (--http2) works after a plain install.
+        "twisted[http2]",
+        # The admin server's /metrics.
+        "prometheus_client>=0.16",
         "tomli>=1.1; python_version<'3.11'",
         # PyPy 3.9 (Debian's pypy3): the newest releases with a pp39 wheel;
         # newer ones would build from source, which needs network for Rust.
@@ -22,12 +28,14 @@ setup(
         "pyopenssl<25.2; platform_python_implementation=='PyPy'",
     ],
     extras_require={
-        "http2": ["twisted[http2]"],
+        # Kept so that 'pip install txbalancer[http2]' still works; h2 is
+        # now a normal dependency.
+        "http2": [],
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
             "hypothesis>=6",
-            "twisted[http2]",
+            "docutils",
         ],
     },
     classifiers=[

@@ -19,16 +19,11 @@ from txbalancer.config import (
     load_backends,
     parse_backends,
     parse_cidrs,
-    parse_port,
     parse_seconds,
     parse_size,
 )
 
-PYTHON = (
-    "/work/venv/bin/python"
-    if os.path.exists("/work/venv/bin/python")
-    else sys.executable
-)
+PYTHON = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -394,81 +389,6 @@ def test_shipped_backends_file():
         "127.0.0.1:3002",
         "127.0.0.1:3003",
     ]
-
-
-# ---------------------------------------------------------------------------
-# --port
-
-
-@pytest.mark.parametrize(
-    "value, expected",
-    [("8000", "tcp:8000"), ("0", "tcp:0"), ("65535", "tcp:65535"), ("080", "tcp:80")],
-)
-def test_parse_port_bare_number(value, expected):
-    """A bare number 0-65535 becomes a tcp: endpoint."""
-    assert parse_port(value) == expected
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        "tcp:8000",
-        "tcp:8000:interface=127.0.0.1",
-        "tcp:port=8000:backlog=100",
-        "tcp6:8000:interface=\\:\\:1",
-        "ssl:8443:privateKey=key.pem:certKey=cert.pem",
-        "unix:/run/txbalancer.sock:mode=660",
-        "systemd:domain=INET:index=0",
-        "systemd:domain=INET6:name=http",
-    ],
-)
-def test_parse_port_endpoint_unchanged(value):
-    """A valid endpoint description is returned unchanged."""
-    assert parse_port(value) == value
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        "tcp:8000",
-        "tcp:0:interface=127.0.0.1",
-        "tcp6:0:interface=\\:\\:1",
-        "unix:/tmp/x.sock",
-    ],
-)
-def test_parse_port_agrees_with_twisted(value):
-    """Endpoints parse_port accepts are accepted by Twisted's own serverFromString."""
-    from twisted.internet.endpoints import serverFromString
-    from twisted.internet.testing import MemoryReactor
-
-    assert serverFromString(MemoryReactor(), parse_port(value)) is not None
-
-
-@pytest.mark.parametrize(
-    "value, expect",
-    [
-        ("65536", "not a port number"),
-        ("", "empty value"),
-        ("http:8000", "neither a port number nor an endpoint"),
-        ("8000:tcp", "neither a port number nor an endpoint"),
-        ("tcp:eighty", "bad port 'eighty'"),
-        ("tcp:70000", "bad port '70000'"),
-        ("ssl:x:privateKey=k.pem", "bad port 'x'"),
-        ("tcp", "has no port"),
-        ("tcp:80:interfce=127.0.0.1", "unknown option 'interfce'"),
-        ("tcp:80:port=81", "'port' given twice"),
-        ("tcp:80:127.0.0.1:50:extra", "too many fields"),
-        ("tcp:80:backlog=lots", "bad backlog"),
-        ("systemd:domain=INET", "exactly one of index= or name="),
-        ("unix:", "has no address"),
-    ],
-)
-def test_parse_port_errors(value, expect):
-    """A bad --port value is a ConfigError starting '--port:' that says what is wrong."""
-    with pytest.raises(ConfigError) as info:
-        parse_port(value)
-    assert str(info.value).startswith("--port: ")
-    assert expect in str(info.value)
 
 
 # ---------------------------------------------------------------------------

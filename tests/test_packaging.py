@@ -85,3 +85,65 @@ def test_no_init_under_twisted():
     )
     assert found == []
     assert (ROOT / "twisted" / "plugins" / "txbalancer_plugin.py").exists()
+
+
+def run_python(tmp_path, code: str) -> str:
+    """Run the installed Python away from the source tree and return its output."""
+    env = {k: v for (k, v) in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    return output
+
+
+def test_txbtls_endpoint_plugin_discoverable(tmp_path):
+    """After an install, Twisted's plugin system offers the txbtls: endpoint
+    prefix, and listing plugins imports neither txbalancer nor the reactor."""
+    output = run_python(
+        tmp_path,
+        "import sys\n"
+        "from twisted.plugin import getPlugins\n"
+        "from twisted.internet.interfaces import IStreamServerEndpointStringParser\n"
+        "prefixes = [p.prefix for p in getPlugins(IStreamServerEndpointStringParser)]\n"
+        "print('prefixes', prefixes)\n"
+        "print('reactor imported', 'twisted.internet.reactor' in sys.modules)\n"
+        "print('txbalancer imported', 'txbalancer' in sys.modules)\n"
+        "import twisted.plugins.txbalancer_endpoints as plugin\n"
+        "print('from', plugin.__file__)\n"
+        "from twisted.internet.endpoints import serverFromString\n"
+        "from twisted.internet.testing import MemoryReactor\n"
+        "try:\n"
+        "    serverFromString(MemoryReactor(), 'txbtls:8443:cert=missing.pem:key=missing.pem')\n"
+        "except Exception as e:\n"
+        "    print('error', type(e).__name__, e)\n",
+    )
+    assert "'txbtls'" in output.split("prefixes", 1)[1].splitlines()[0], output
+    assert "reactor imported False" in output, output
+    assert "txbalancer imported False" in output, output
+    source = str(ROOT / "twisted" / "plugins")
+    assert not output.split("from ", 1)[1].startswith(source), output
+    assert re.search(r"error TLSConfigError \S*missing\.pem: cannot read", output), output
+
+
+@pytest.mark.parametrize("name", ["README.rst", "CHANGELOG.rst"])
+def test_rst_is_valid(name):
+    """README.rst (the package's long description) and CHANGELOG.rst parse as reStructuredText without errors."""
+    import docutils.core
+    import docutils.utils
+
+    try:
+        docutils.core.publish_doctree(
+            (ROOT / name).read_text(),
+            source_path=name,
+            settings_overrides={"report_level": 5, "halt_level": 2},
+        )
+    except docutils.utils.SystemMessage as e:
+        pytest.fail(f"{name}: {str(e).splitlines()[0]}")

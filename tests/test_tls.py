@@ -266,10 +266,29 @@ def test_parseShortForm():
     assert spec == CertSpec("fullchain.pem", "privkey.pem")
 
 
+def test_parseTxbtlsForm():
+    """The txbtls: endpoint string given to --port reads like --tls."""
+    port, iface, spec = parseTLSListener(
+        "txbtls:8443:cert=fullchain.pem:key=privkey.pem:chain=c.pem:interface=127.0.0.1"
+    )
+    assert (port, iface) == (8443, "127.0.0.1")
+    assert spec == CertSpec("fullchain.pem", "privkey.pem", "c.pem")
+    with pytest.raises(TLSConfigError, match=r"--port: .*unknown option\(s\) alpn"):
+        parseTLSListener("txbtls:8443:cert=c.pem:key=k.pem:alpn=h2")
+
+
 def test_parseEscapedColon():
     """A backslash escapes a colon in a path, as in Twisted's strings."""
     _, _, spec = parseTLSListener(r"8443:cert=C\:/certs/a.pem:key=k.pem")
     assert spec.cert == "C:/certs/a.pem"
+
+
+def test_parseEqualsInValue():
+    """A value keeps every "=" after its key's, and a backslash escapes one in a key."""
+    _, _, spec = parseTLSListener(r"8443:cert=a=b.pem:key=k.pem")
+    assert spec.cert == "a=b.pem"
+    with pytest.raises(TLSConfigError, match="unknown option.*x=y"):
+        parseTLSListener(r"8443:cert=c.pem:key=k.pem:x\=y=z")
 
 
 @pytest.mark.parametrize(
@@ -283,6 +302,8 @@ def test_parseEscapedColon():
         ("8443:cert=c.pem:key=k.pem:ciphers=ALL", "ciphers"),
         ("99999:cert=c.pem:key=k.pem", "not a port"),
         ("cert=c.pem:key=k.pem", "PORT"),
+        ("8443:cert=a.pem:cert=b.pem:key=k.pem", "--tls: 'cert' given twice"),
+        ("ssl:8443:privateKey=a.pem:privateKey=b.pem", "--port: 'privateKey' given twice"),
     ],
 )
 def test_parseErrors(value, fragment):
@@ -298,8 +319,10 @@ def test_parseErrors(value, fragment):
 
 def test_serverTLSProvidesCreator(pki):
     """ServerTLS is an IOpenSSLServerConnectionCreator."""
+    from zope.interface.verify import verifyObject
+
     serverTLS = ServerTLS([pki.server("a", "a.example")])
-    assert IOpenSSLServerConnectionCreator.providedBy(serverTLS)
+    assert verifyObject(IOpenSSLServerConnectionCreator, serverTLS)
 
 
 def test_mismatchedKey(pki):
@@ -504,14 +527,6 @@ def test_sni(sniServer, name, expected):
     """SNI picks the certificate whose SAN covers the name, else the default."""
     client, _ = handshake(sniServer, serverName=name)
     assert servedNames(client)[0] == expected
-
-
-def test_matchName():
-    """Wildcards match exactly one label."""
-    assert tls.matchName("*.a.example", "b.a.example")
-    assert not tls.matchName("*.a.example", "a.example")
-    assert not tls.matchName("*.a.example", "c.b.a.example")
-    assert tls.matchName("a.example", "a.example")
 
 
 def test_certificateNamesFallsBackToCN(pki):
@@ -752,3 +767,105 @@ def test_endpointListensWithTLS(pki):
     assert (port, interface) == (8443, "127.0.0.1")
     assert isinstance(wrapped, TLSMemoryBIOFactory)
     assert wrapped.wrappedFactory is factory
+
+
+def _field(path: str) -> str:
+    """A file name escaped for an endpoint string."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def test_txbtlsEndpointString(pki):
+    """serverFromString("txbtls:...") listens on the port and interface with TLS
+    from the given files around the given factory."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    spec = pki.server("a", "a.example")
+    reactor = MemoryReactorClock()
+    endpoint = serverFromString(
+        reactor,
+        f"txbtls:8443:cert={_field(spec.cert)}:key={_field(spec.key)}"
+        r":interface=127.0.0.1:backlog=7",
+    )
+    factory = Factory.forProtocol(Protocol)
+    endpoint.listen(factory)
+    port, wrapped, backlog, interface = reactor.tcpServers[0]
+    assert (port, interface, backlog) == (8443, "127.0.0.1", 7)
+    assert isinstance(wrapped, TLSMemoryBIOFactory)
+    assert wrapped.wrappedFactory is factory
+    client, server = handshake(endpoint.serverTLS, alpn=[b"h2", b"http/1.1"])
+    assert servedNames(client) == ["a.example"]
+    assert server.get_alpn_proto_negotiated() == b"http/1.1"
+    assert server.get_protocol_version_name() == "TLSv1.3"
+
+
+def test_txbtlsEndpointStringOptions(pki):
+    """txbtls: takes a chain file, an IPv6 interface and the ALPN protocols to offer."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import MemoryReactorClock
+
+    spec = pki.server("a", "a.example")
+    chain = pki.write("chain.pem", _certPem(pki.caCert))
+    reactor = MemoryReactorClock()
+    endpoint = serverFromString(
+        reactor,
+        f"txbtls:0:cert={_field(spec.cert)}:key={_field(spec.key)}"
+        rf":chain={_field(chain)}:interface=\:\:1:alpn=h2,http/1.1",
+    )
+    endpoint.listen(Factory.forProtocol(Protocol))
+    port, _wrapped, backlog, interface = reactor.tcpServers[0]
+    assert (port, interface, backlog) == (0, "::1", 50)
+    _client, server = handshake(endpoint.serverTLS, alpn=[b"http/1.1", b"h2"])
+    assert server.get_alpn_proto_negotiated() == b"h2"
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ("8443:key={key}", "no cert=FILE"),
+        ("8443:cert={cert}", "no key=FILE"),
+        ("8443:cert={cert}:key={key}:ciphers=ALL", "unknown option(s) ciphers"),
+        ("8443:cert={cert}:key={key}:backlog=many", "backlog='many'"),
+        ("8443:cert={cert}:key={key}:alpn=h2,,x", "alpn="),
+        ("99999:cert={cert}:key={key}", "not a port number"),
+        ("cert={cert}:key={key}", "is not PORT:cert=FILE"),
+        ("8443:cert={cert}:key={cert}", "no PEM private key"),
+        ("8443:cert=/nonexistent.pem:key={key}", "/nonexistent.pem: cannot read"),
+    ],
+)
+def test_txbtlsEndpointStringErrors(pki, fields, fragment):
+    """A bad txbtls: string fails when parsed, with a message naming the field or file."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactorClock
+
+    spec = pki.server("a", "a.example")
+    value = "txbtls:" + fields.format(cert=_field(spec.cert), key=_field(spec.key))
+    with pytest.raises(TLSConfigError) as e:
+        serverFromString(MemoryReactorClock(), value)
+    assert fragment in str(e.value)
+
+
+def test_endpointInterfaces(pki):
+    """The txbtls: parser, the plugin object Twisted finds and the endpoint provide their interfaces."""
+    from twisted.internet.interfaces import (
+        IStreamServerEndpoint,
+        IStreamServerEndpointStringParser,
+    )
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.plugin import IPlugin
+    from twisted.plugins import txbalancer_endpoints
+    from zope.interface.verify import verifyObject
+
+    from txbalancer.tls.endpoint import TLSEndpointParser
+
+    assert verifyObject(IStreamServerEndpointStringParser, TLSEndpointParser())
+    assert verifyObject(IStreamServerEndpointStringParser, txbalancer_endpoints.txbtls)
+    assert IPlugin.providedBy(txbalancer_endpoints.txbtls)
+    spec = pki.server("a", "a.example")
+    endpoint = txbalancer_endpoints.txbtls.parseStreamServer(
+        MemoryReactorClock(), "8443", cert=spec.cert, key=spec.key
+    )
+    assert verifyObject(IStreamServerEndpoint, endpoint)

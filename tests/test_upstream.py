@@ -363,7 +363,9 @@ class PoolTests(SynchronousTestCase):
         self.reactor.advance(2)
         self.assertTrue(newT.disconnecting)
         self.assertEqual(pool.idleCount(self.backend), 0)
-        pool.close()
+        oldT.deliverLoss()
+        newT.deliverLoss()
+        self.successResultOf(pool.close())
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_idle_connection_closed_by_backend_is_forgotten(self) -> None:
@@ -434,12 +436,54 @@ class PoolTests(SynchronousTestCase):
         pool.start()
         (idle, idleT), = self.released(pool, 1)
         busy, busyT = upstreamConnection(pool, self.backend)
-        busy.sendRequest(HEAD, Recorder(), False, False)
-        self.successResultOf(pool.close())
+        exchange = Recorder()
+        busy.sendRequest(HEAD, exchange, False, False)
+        d = pool.close()
         self.assertTrue(idleT.disconnecting)
         self.assertFalse(idleT.aborted)
         self.assertTrue(busyT.aborted)
+        idleT.deliverLoss()
+        busyT.deliverLoss()
+        self.successResultOf(d)
+        self.assertEqual(exchange.events[-1][0], "lost")
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         (late, lateT), = self.released(pool, 1)
         self.assertTrue(lateT.disconnecting)
         self.assertEqual(pool.idleCount(self.backend), 0)
+
+    def test_close_waits_for_connections(self) -> None:
+        """close fires only once the last connection's connectionLost has arrived."""
+        pool = UpstreamPool(self.reactor)
+        (a, aT), (b, bT) = self.released(pool, 2)
+        unused, unusedT = upstreamConnection(pool, self.backend)
+        d = pool.close()
+        self.assertTrue(unusedT.disconnecting)
+        aT.deliverLoss()
+        bT.deliverLoss()
+        self.assertNoResult(d)
+        unusedT.deliverLoss()
+        self.successResultOf(d)
+
+    def test_close_without_connections(self) -> None:
+        """close with no connection open fires at once, and so does a second close."""
+        pool = UpstreamPool(self.reactor)
+        self.successResultOf(pool.close())
+        (conn, transport), = self.released(pool, 1)
+        transport.deliverLoss()
+        self.successResultOf(pool.close())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_close_aborts_after_timeout(self) -> None:
+        """A connection that does not finish closing within the timeout is aborted."""
+        pool = UpstreamPool(self.reactor)
+        (conn, transport), = self.released(pool, 1)
+        d = pool.close(timeout=2.0)
+        self.reactor.advance(1.9)
+        self.assertFalse(transport.aborted)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.assertTrue(transport.aborted)
+        self.assertNoResult(d)
+        transport.deliverLoss()
+        self.successResultOf(d)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])

@@ -15,8 +15,8 @@ users all build a balancer the same way::
 What one pool is made of (L{PoolRuntime})::
 
     BackendPool        the backends, their state, the chooser (pool.py)
-    HealthChecker      active checks on LoopingCall (health.py)
-    OutlierDetector    passive ejection from real traffic (health.py)
+    HealthChecker      active checks on LoopingCall (health/checker.py)
+    OutlierDetector    passive ejection from real traffic (health/outliers.py)
     UpstreamPool       kept-alive connections to the backends (upstream.py)
     Forwarder          one ProxyExchange per request (proxy.py)
 
@@ -580,10 +580,13 @@ class Balancer(MultiService):
         for listener in config.listeners:
             try:
                 endpoint = serverFromString(self.reactor, listener.endpoint)
-            except (ValueError, TypeError, KeyError) as e:
+            except ConfigError:
+                raise
+            except Exception as e:  # Twisted's parsers raise what they like
                 raise ConfigError(
-                    f"cannot listen on {listener.endpoint!r}: {e} (expected a port "
-                    "number or a Twisted endpoint such as tcp:8000:interface=127.0.0.1)"
+                    f"--port {listener.endpoint!r}: not a usable endpoint "
+                    f"({type(e).__name__}: {e}); give a port number or an "
+                    "endpoint string such as tcp:8000:interface=127.0.0.1"
                 ) from None
             factory = self.serverFactory(secure=listener.secure)
             if listener.secure:

@@ -24,7 +24,7 @@ as each HTTP/1.1 request is:
 HTTP/2 connections join the HTTP/1.1 factory's C{connections}, so a graceful
 stop waits for them too (and L{NegotiatingFactory.drain} sends them GOAWAY).
 
-Needs the C{h2} package (C{pip install 'twisted[http2]'}).
+The C{h2} package comes with txbalancer (C{twisted[http2]} is a dependency).
 """
 
 from __future__ import annotations

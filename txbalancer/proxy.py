@@ -19,6 +19,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from txbalancer.backend import Backend
+from txbalancer.failures import describe
 from txbalancer.framing import CRLF
 from txbalancer.headers import (
     SET_BY_BALANCER,
@@ -331,11 +332,11 @@ class ProxyExchange:
         if self.finished or failure.check(CancelledError):
             return
         self._strike(backend)
-        self.errors.append(f"{backend.address} {_describe(failure.value)}")
+        self.errors.append(f"{backend.address} {describe(failure.value)}")
         log.info(
             "connect to backend {backend} failed: {reason}",
             backend=backend.address,
-            reason=_describe(failure.value),
+            reason=describe(failure.value),
         )
         self._attempt(None)
 
@@ -500,7 +501,7 @@ class ProxyExchange:
         self._releaseBackend()
         if self.finished:
             return
-        why = _describe(getattr(reason, "value", reason))
+        why = describe(getattr(reason, "value", reason))
         if self.responded:
             # The head was counted a success; the body breaking off is
             # the backend's doing all the same.
@@ -816,21 +817,3 @@ def _setCookie(name: bytes, value: str, secure: bool) -> bytes:
     if secure:
         cookie += b"; Secure"
     return cookie
-
-
-def _describe(exc: Any) -> str:
-    """
-    A short, human description of a connection failure.
-    """
-    from twisted.internet import error
-
-    if isinstance(exc, error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, error.TimeoutError):
-        return "connect timed out"
-    if isinstance(exc, error.DNSLookupError):
-        return "DNS lookup failed"
-    if isinstance(exc, (error.ConnectionDone, error.ConnectionLost)):
-        return "connection closed before a complete response"
-    text = str(exc) or exc.__class__.__name__
-    return text.splitlines()[0][:200]

@@ -598,7 +598,7 @@ def check(config: BalancerConfig) -> None:
     if not secure and (config.tlsCertDir or config.tlsClientCa):
         raise ConfigError(
             "--tls-cert-dir and --tls-client-ca need a TLS listener "
-            "(--tls or --port ssl:...)"
+            "(--tls, --port ssl:... or --port txbtls:...)"
         )
     if not config.pools:
         raise ConfigError("no pool of backends (give --backends FILE)")

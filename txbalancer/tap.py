@@ -98,8 +98,8 @@ class Options(usage.Options):
             if int(stripped) > 65535:
                 raise usage.UsageError(f"--port: {value!r} is not a port number (0-65535)")
             self["port"].append(ListenerConfig(f"tcp:{int(stripped)}"))
-        elif stripped.split(":", 1)[0] == "ssl":
-            # TLS listeners use the balancer's own context (tls.py), not
+        elif stripped.split(":", 1)[0].lower() in ("ssl", "txbtls"):
+            # TLS listeners use the balancer's own context (txbalancer.tls), not
             # Twisted's ssl: endpoint, which cannot set versions, ciphers,
             # curves, SNI or ALPN.
             self.opt_tls(stripped)

@@ -34,6 +34,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from txbalancer.backend import Backend
+from txbalancer.failures import BadResponse
 from txbalancer.framing import (
     BAD_VALUE,
     CRLF,
@@ -47,12 +48,6 @@ from txbalancer.headers import connectionTokens
 log = Logger()
 
 MAX_HEAD = 64 * 1024
-
-
-class BadResponse(Exception):
-    """
-    The backend sent something that is not a well-formed HTTP/1.1 response.
-    """
 
 
 # Response parser states.
@@ -308,9 +303,7 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.connected = False
-        pool = self.pool
-        pool._connections.discard(self)
-        pool._discard(self)
+        self.pool._connectionLost(self)
         exchange = self.exchange
         self.exchange = None
         if exchange is None:
@@ -415,6 +408,8 @@ class UpstreamPool:
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
         self._closing = False
+        self._whenClosed: list[defer.Deferred[None]] = []
+        self._closeTimer: Any = None
 
     def start(self) -> None:
         if not self._sweeper.running:
@@ -494,20 +489,59 @@ class UpstreamPool:
         self._endpoints.pop(backend, None)
         self._factories.pop(backend, None)
 
-    def close(self) -> "defer.Deferred[None]":
+    def _connectionLost(self, conn: UpstreamConnection) -> None:
         """
-        Close every idle connection and abort the rest.
+        C{conn} is gone: forget it, and when the pool is closing and it was
+        the last one, fire L{close}'s Deferreds.
+        """
+        self._connections.discard(conn)
+        self._discard(conn)
+        if self._closing and not self._connections:
+            self._closed()
 
-        @return: a Deferred that fires once they have all gone.
+    def close(self, timeout: float = 5.0) -> "defer.Deferred[None]":
+        """
+        Close every connection: idle and unused ones cleanly, busy ones at
+        once (aborted); stop the sweep; close any connection released from
+        now on.
+
+        @param timeout: seconds a clean close may take; the connections
+            still open then are aborted.
+        @return: a Deferred that fires once every connection has gone (its
+            C{connectionLost} arrived).
         """
         self._closing = True
         if self._sweeper.running:
             self._sweeper.stop()
         for idle in self._idle.values():
-            for conn in idle:
-                conn.transport.loseConnection()
             idle.clear()
         for conn in list(self._connections):
             if conn.exchange is not None:
                 conn.transport.abortConnection()
-        return defer.succeed(None)
+            else:
+                conn.transport.loseConnection()
+        if not self._connections:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._whenClosed.append(d)
+        if self._closeTimer is None:
+            self._closeTimer = self.reactor.callLater(timeout, self._abortRemaining)
+        return d
+
+    def _abortRemaining(self) -> None:
+        self._closeTimer = None
+        log.warn(
+            "{n} backend connections did not close in time; aborting them",
+            n=len(self._connections),
+        )
+        for conn in list(self._connections):
+            conn.transport.abortConnection()
+
+    def _closed(self) -> None:
+        if self._closeTimer is not None:
+            if self._closeTimer.active():
+                self._closeTimer.cancel()
+            self._closeTimer = None
+        waiting, self._whenClosed = self._whenClosed, []
+        for d in waiting:
+            d.callback(None)

@@ -1,12 +1,13 @@
 """
-TLS termination: the balancer's own pyOpenSSL contexts.
+The balancer's TLS at run time: pyOpenSSL contexts, SNI, ALPN, reload.
 
 Twisted's C{ssl:} endpoint cannot choose protocol versions, ciphers, curves,
 ALPN protocols or a certificate per server name, and its defaults fail the
 Mozilla "intermediate" profile.  L{ServerTLS} builds one context per
 certificate with that profile and picks among them by SNI; it is an
 L{IOpenSSLServerConnectionCreator}, so it plugs into
-C{TLSMemoryBIOFactory(serverTLS, False, factory)} (see L{tlsServerEndpoint}).
+C{TLSMemoryBIOFactory(serverTLS, False, factory)} (as
+L{txbalancer.tls.endpoint.TLSServerEndpoint} does).
 
 The policy, for every certificate:
     - TLS 1.2 and 1.3 only;
@@ -20,10 +21,10 @@ The policy, for every certificate:
       label; no name or an unknown name gets the first certificate, never a
       failed handshake.
 
-Everything is read and checked when a L{ServerTLS} is built (a key that does
-not match its certificate, an expired certificate, an unreadable file are
-L{TLSConfigError}s naming the file); L{ServerTLS.reload} reads it all again
-and keeps the old contexts when anything is wrong.
+Everything is read and checked (by L{txbalancer.tls.config}) when a
+L{ServerTLS} is built; L{ServerTLS.reload} reads it all again and keeps the
+old contexts when anything is wrong, and L{ServerTLS.watch} reloads when a
+file changes.
 """
 
 from __future__ import annotations
@@ -36,17 +37,27 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL
-from twisted.internet.interfaces import (
-    IOpenSSLServerConnectionCreator,
-    IStreamServerEndpoint,
-)
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from txbalancer.config import ConfigError, _split_endpoint
+from txbalancer.tls.config import (
+    CertSpec,
+    LoadedCertificate,
+    TLSConfigError,
+    certDirSpecs,
+    loadCertificate,
+    readClientCAs,
+)
+
+__all__ = [
+    "GROUPS",
+    "MOZILLA_INTERMEDIATE_CIPHERS",
+    "SESSION_ID_CONTEXT",
+    "ServerTLS",
+    "peerCertificateSubject",
+]
 
 log = Logger()
 
@@ -60,262 +71,6 @@ MOZILLA_INTERMEDIATE_CIPHERS = (
 )
 GROUPS = "X25519:P-256:P-384"
 SESSION_ID_CONTEXT = b"txbalancer"
-
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL
-)
-
-
-class TLSConfigError(ConfigError):
-    """
-    A TLS setting or file is unusable; the message names the file or option.
-    """
-
-
-class CertSpec:
-    """
-    Where one certificate lives: C{cert} holds the certificate (and possibly
-    its chain after it, as in Let's Encrypt's C{fullchain.pem}), C{key} its
-    private key, C{chain} optional further chain certificates.
-    """
-
-    __slots__ = ("cert", "chain", "key")
-
-    def __init__(self, cert: str, key: str, chain: str | None = None) -> None:
-        self.cert = cert
-        self.key = key
-        self.chain = chain
-
-    def files(self) -> list[str]:
-        return [f for f in (self.cert, self.key, self.chain) if f]
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, CertSpec):
-            return NotImplemented
-        return (self.cert, self.key, self.chain) == (other.cert, other.key, other.chain)
-
-    def __hash__(self) -> int:
-        return hash((self.cert, self.key, self.chain))
-
-    def __repr__(self) -> str:
-        return f"CertSpec(cert={self.cert!r}, key={self.key!r}, chain={self.chain!r})"
-
-
-# -- parsing listener descriptions
-
-_TWISTED_SSL_KEYS = {"port", "interface", "privateKey", "certKey",
-                     "extraCertChainFile", "backlog"}
-_SHORT_KEYS = {"cert", "key", "chain", "interface"}
-
-
-def _port(value: str, option: str) -> int:
-    if not value.isdigit() or int(value) > 65535:
-        raise TLSConfigError(f"{option}: {value!r} is not a port number (0-65535)")
-    return int(value)
-
-
-def parseTLSListener(value: str) -> tuple[int, str, CertSpec]:
-    """
-    Parse a TLS listener description, in either form::
-
-        ssl:8443:privateKey=key.pem:certKey=cert.pem[:extraCertChainFile=chain.pem][:interface=ADDR]
-        8443:cert=fullchain.pem:key=privkey.pem[:chain=chain.pem][:interface=ADDR]
-
-    The first is Twisted's C{ssl:} endpoint (C{certKey} defaults to
-    C{privateKey}, as there); the second is C{--tls}.
-
-    @return: C{(port, interface, CertSpec)}; C{interface} is C{""} for all.
-    @raise TLSConfigError: naming the option that is wrong.
-    """
-    args, kwargs = _split_endpoint(value.strip())
-    if args and args[0].lower() == "ssl":
-        option = "--port"
-        unknown = set(kwargs) - _TWISTED_SSL_KEYS
-        if unknown:
-            raise TLSConfigError(
-                f"{option}: {value!r}: unsupported option(s) "
-                + ", ".join(sorted(unknown))
-                + " (txbalancer sets TLS versions, ciphers and curves itself; "
-                "accepted: privateKey, certKey, extraCertChainFile, interface)"
-            )
-        positional = args[1:]
-        if len(positional) > 1 or (positional and "port" in kwargs):
-            raise TLSConfigError(f"{option}: too many fields in {value!r}")
-        port = positional[0] if positional else kwargs.get("port")
-        if port is None:
-            raise TLSConfigError(f"{option}: {value!r} names no port")
-        key = kwargs.get("privateKey")
-        if not key:
-            raise TLSConfigError(f"{option}: {value!r} has no privateKey=FILE")
-        cert = kwargs.get("certKey") or key
-        chain = kwargs.get("extraCertChainFile") or None
-    else:
-        option = "--tls"
-        unknown = set(kwargs) - _SHORT_KEYS
-        if unknown:
-            raise TLSConfigError(
-                f"{option}: {value!r}: unknown option(s) "
-                + ", ".join(sorted(unknown))
-                + " (accepted: cert, key, chain, interface)"
-            )
-        if len(args) != 1:
-            raise TLSConfigError(
-                f"{option}: {value!r} is not PORT:cert=FILE:key=FILE"
-                "[:chain=FILE][:interface=ADDRESS]"
-            )
-        port = args[0]
-        cert = kwargs.get("cert", "")
-        key = kwargs.get("key", "")
-        if not cert:
-            raise TLSConfigError(f"{option}: {value!r} has no cert=FILE")
-        if not key:
-            raise TLSConfigError(f"{option}: {value!r} has no key=FILE")
-        chain = kwargs.get("chain") or None
-    return _port(port, option), kwargs.get("interface", ""), CertSpec(cert, key, chain)
-
-
-# -- reading and checking files
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise TLSConfigError(f"{path}: cannot read: {e.strerror or e}")
-
-
-def _pemBlocks(data: bytes) -> list[tuple[str, bytes]]:
-    return [(m.group(1).decode("ascii"), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
-
-
-def _certificates(path: str, data: bytes) -> list[x509.Certificate]:
-    certs = []
-    for kind, block in _pemBlocks(data):
-        if kind in ("CERTIFICATE", "TRUSTED CERTIFICATE"):
-            try:
-                certs.append(x509.load_pem_x509_certificate(block))
-            except ValueError as e:
-                raise TLSConfigError(f"{path}: malformed certificate: {e}")
-    return certs
-
-
-def _privateKey(path: str, data: bytes) -> Any:
-    keys = [block for kind, block in _pemBlocks(data) if kind.endswith("PRIVATE KEY")]
-    if not keys:
-        raise TLSConfigError(f"{path}: no PEM private key in this file")
-    if len(keys) > 1:
-        raise TLSConfigError(f"{path}: more than one private key in this file")
-    try:
-        return serialization.load_pem_private_key(keys[0], password=None)
-    except TypeError:
-        raise TLSConfigError(f"{path}: the private key is encrypted (give it unencrypted)")
-    except Exception as e:  # noqa: BLE001
-        raise TLSConfigError(f"{path}: unusable private key: {e}")
-
-
-def _publicBytes(key: Any) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def certificateNames(cert: x509.Certificate) -> list[str]:
-    """
-    The DNS names a certificate serves: its SAN DNS names, or its common
-    name when it has no SAN extension; lower case.
-    """
-    try:
-        san = cert.extensions.get_extension_for_oid(
-            ExtensionOID.SUBJECT_ALTERNATIVE_NAME
-        ).value
-    except x509.ExtensionNotFound:
-        return [
-            str(a.value).lower()
-            for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        ]
-    return [name.lower() for name in san.get_values_for_type(x509.DNSName)]
-
-
-def _notAfter(cert: x509.Certificate) -> datetime.datetime:
-    after = getattr(cert, "not_valid_after_utc", None)
-    if after is None:  # cryptography < 42
-        after = cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
-    return after
-
-
-class _Loaded:
-    """
-    One certificate, checked and ready: its leaf, chain, key and names.
-    """
-
-    def __init__(self, label: str, leaf: Any, chain: list[Any], key: Any) -> None:
-        self.label = label
-        self.leaf = leaf
-        self.chain = chain
-        self.key = key
-        self.names = certificateNames(leaf)
-
-
-def loadCertificate(
-    spec: CertSpec, now: datetime.datetime | None = None
-) -> _Loaded:
-    """
-    Read and check one certificate: it must be readable, unexpired, and its
-    key must match it.
-
-    @raise TLSConfigError: naming the file at fault.
-    """
-    if now is None:
-        now = datetime.datetime.now(datetime.timezone.utc)
-    certData = _read(spec.cert)
-    certs = _certificates(spec.cert, certData)
-    if not certs:
-        raise TLSConfigError(f"{spec.cert}: no PEM certificate in this file")
-    if spec.key == spec.cert:
-        keyData = certData
-    else:
-        keyData = _read(spec.key)
-    key = _privateKey(spec.key, keyData)
-    chain = certs[1:]
-    if spec.chain:
-        extra = _certificates(spec.chain, _read(spec.chain))
-        if not extra:
-            raise TLSConfigError(f"{spec.chain}: no PEM certificate in this file")
-        chain += extra
-    leaf = certs[0]
-    if _publicBytes(key.public_key()) != _publicBytes(leaf.public_key()):
-        raise TLSConfigError(
-            f"{spec.key}: this private key does not match the certificate in {spec.cert}"
-        )
-    after = _notAfter(leaf)
-    if after < now:
-        raise TLSConfigError(
-            f"{spec.cert}: the certificate expired on {after:%Y-%m-%d %H:%M:%S} UTC"
-        )
-    return _Loaded(spec.cert, leaf, chain, key)
-
-
-def _certDirSpecs(certDir: str) -> list[CertSpec]:
-    if not os.path.isdir(certDir):
-        raise TLSConfigError(f"{certDir}: not a directory (--tls-cert-dir)")
-    return [CertSpec(p, p) for p in sorted(glob.glob(os.path.join(certDir, "*.pem")))]
-
-
-def matchName(pattern: str, name: str) -> bool:
-    """
-    Whether certificate name C{pattern} covers server name C{name}: equal
-    ignoring case, or C{*.rest} matching exactly one label before C{rest}.
-    """
-    if pattern == name:
-        return True
-    if pattern.startswith("*."):
-        first, dot, rest = name.partition(".")
-        return bool(first) and bool(dot) and rest == pattern[2:]
-    return False
-
-
-# -- contexts
 
 
 def _setGroups(ctx: SSL.Context) -> None:
@@ -337,12 +92,6 @@ def _setGroups(ctx: SSL.Context) -> None:
     ctx.set_tmp_ecdh(ec.SECP256R1())
     ctx.set_options(SSL.OP_SINGLE_ECDH_USE)
 
-
-def _readCAs(path: str) -> list[x509.Certificate]:
-    cas = _certificates(path, _read(path))
-    if not cas:
-        raise TLSConfigError(f"{path}: no PEM certificate in this file (--tls-client-ca)")
-    return cas
 
 
 class _Generation:
@@ -416,7 +165,7 @@ class ServerTLS:
     def _specs(self) -> list[CertSpec]:
         specs = list(self.certs)
         if self.certDir:
-            specs += _certDirSpecs(self.certDir)
+            specs += certDirSpecs(self.certDir)
         if not specs:
             raise TLSConfigError(f"{self.certDir}: no *.pem files (--tls-cert-dir)")
         return specs
@@ -424,7 +173,7 @@ class ServerTLS:
     def _build(self) -> _Generation:
         now = self._now()
         loaded = [loadCertificate(spec, now) for spec in self._specs()]
-        cas = _readCAs(self.clientCA) if self.clientCA else None
+        cas = readClientCAs(self.clientCA) if self.clientCA else None
         contexts = [self._context(item, cas) for item in loaded]
         byName: dict[str, SSL.Context] = {}
         wildcards: dict[str, SSL.Context] = {}
@@ -436,7 +185,7 @@ class ServerTLS:
                     byName.setdefault(name, ctx)
         return _Generation(contexts[0], byName, wildcards, [i.names for i in loaded])
 
-    def _context(self, item: _Loaded, cas: list[Any] | None) -> SSL.Context:
+    def _context(self, item: LoadedCertificate, cas: list[Any] | None) -> SSL.Context:
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_options(
@@ -607,44 +356,6 @@ class ServerTLS:
         return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
-# -- listening
-
-
-@implementer(IStreamServerEndpoint)
-class TLSServerEndpoint:
-    """
-    Listens on TCP and wraps each connection in TLS from a L{ServerTLS}.
-    """
-
-    def __init__(self, reactor: Any, port: int, interface: str, serverTLS: ServerTLS,
-                 backlog: int = 50) -> None:
-        self.reactor = reactor
-        self.port = port
-        self.interface = interface
-        self.serverTLS = serverTLS
-        self.backlog = backlog
-
-    def listen(self, factory: Any) -> Any:
-        from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        cls = TCP6ServerEndpoint if ":" in self.interface else TCP4ServerEndpoint
-        endpoint = cls(self.reactor, self.port, self.backlog, self.interface)
-        return endpoint.listen(TLSMemoryBIOFactory(self.serverTLS, False, factory))
-
-    def __repr__(self) -> str:
-        return f"<TLSServerEndpoint {self.interface or '*'}:{self.port}>"
-
-
-def tlsServerEndpoint(
-    reactor: Any, port: int, interface: str, serverTLS: ServerTLS
-) -> TLSServerEndpoint:
-    """
-    An L{IStreamServerEndpoint} serving TLS from C{serverTLS} on
-    C{interface:port} (C{""} listens on every IPv4 address).
-    """
-    return TLSServerEndpoint(reactor, port, interface, serverTLS)
-
 
 # -- the client's certificate
 
@@ -683,3 +394,4 @@ def peerCertificateSubject(transport: Any) -> bytes | None:
     if not isinstance(cert, x509.Certificate):
         cert = cert.to_cryptography()
     return _escape(cert.subject.rfc4514_string()).encode("ascii")
+
