@@ -203,6 +203,7 @@ class ReloadTests(SynchronousTestCase):
         self.assertTrue(client.received().endswith(b"ok"))
         self.lb.reactor.advance(1)
         self.assertEqual(self.balancer.retiring, [])
+        self.lb.flush()  # its kept-alive connection closes
         self.successResultOf(old.retired)
 
     def test_pools_swap_at_once(self) -> None:
