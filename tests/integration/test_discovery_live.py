@@ -1,0 +1,117 @@
+"""
+Backends from DNS SRV with the real twistd: a DNS server started by the
+test on 127.0.0.1 whose records change while traffic flows.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .httpraw import get
+from .support import MARGIN, START_TIMEOUT, port_of, stop_process, wait_for
+from .test_reload_live import Stream
+
+pytestmark = pytest.mark.integration
+
+NAME = "_http._tcp.app.test"
+DNS_SERVER = Path(__file__).resolve().parent / "dnsserver.py"
+
+
+class DNSServer:
+    def __init__(self, proc: subprocess.Popen, port: int, zone: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.zone = zone
+
+    def serve(self, *backends, ttl: int = 1, name: str = NAME) -> None:
+        """
+        Answer NAME with these (backend, weight, priority) records.
+        """
+        records = [
+            {"target": f"b{b.port}.app.test", "port": b.port, "weight": weight,
+             "priority": priority, "address": "127.0.0.1"}
+            for b, weight, priority in backends
+        ]
+        tmp = self.zone.with_suffix(".tmp")
+        tmp.write_text(json.dumps({name: {"ttl": ttl, "records": records}}))
+        tmp.replace(self.zone)
+
+
+@pytest.fixture
+def dns_server(tmp_path, attach_log):
+    """A DNS server on UDP 127.0.0.1 answering from a file the test rewrites."""
+    zone = tmp_path / "zone.json"
+    zone.write_text("{}")
+    log = tmp_path / "dns.log"
+    attach_log("dns server", log)
+    err = open(log, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, str(DNS_SERVER), str(zone)],
+        stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+    )
+    try:
+        line = proc.stdout.readline().decode()
+        assert line.startswith("listening "), line
+        yield DNSServer(proc, int(line.split()[1]), zone)
+    finally:
+        stop_process(proc)
+        proc.stdout.close()
+        err.close()
+
+
+def test_srv_backends_follow_dns_under_traffic(backend, balancer, dns_server):
+    """Records added, removed and reweighted while requests flow: zero failed requests, new targets get traffic, removed ones stop, a failed lookup keeps the last good set."""
+    a, b, c = backend(), backend(), backend()
+    dns_server.serve((a, 1, 10), (b, 1, 10))
+    lb = balancer(
+        [], "--backends", f"srv:{NAME}", "--dns-server", f"127.0.0.1:{dns_server.port}",
+    )
+    lb.wait_for_log(f"srv:{NAME}: 2 backends", START_TIMEOUT)
+    assert {port_of(get(lb.port, f"/{i}")) for i in range(6)} == {a.port, b.port}
+
+    stream = Stream(lb.port)
+    stream.start()
+    try:
+        wait_for(lambda: stream.sent > 50, 30, "the first requests")
+        changes = 1  # the first answer was applied at start-up
+
+        def change(*records) -> None:
+            nonlocal changes
+            dns_server.serve(*records)
+            changes += 1
+            lb.wait_for_log("reload applied", 10 * MARGIN, count=changes)
+
+        # c appears: it gets traffic.
+        change((a, 1, 10), (b, 1, 10), (c, 1, 10))
+        mark = stream.snapshot()
+        wait_for(lambda: stream.snapshot()[c.port] > mark[c.port] + 10, 30,
+                 "traffic to c")
+
+        # a goes away, c weighs 4, b becomes a backup level.
+        change((c, 4, 10), (b, 1, 20))
+        time.sleep(0.5)  # requests in flight to a finish
+        mark = stream.snapshot()
+        wait_for(lambda: sum(stream.snapshot().values()) > sum(mark.values()) + 100,
+                 30, "100 more requests")
+        now = stream.snapshot()
+        assert now[a.port] == mark[a.port], "a got requests after its record went"
+        assert now[b.port] == mark[b.port], "b, a backup level, got requests"
+
+        # The name disappears (NXDOMAIN): the last good set keeps serving.
+        dns_server.serve((c, 1, 10), name="_other._tcp.app.test")
+        lb.wait_for_log("lookup failed", 10 * MARGIN)
+        mark = stream.snapshot()
+        wait_for(lambda: sum(stream.snapshot().values()) > sum(mark.values()) + 50,
+                 30, "50 more requests after the failed lookup")
+        assert stream.snapshot()[c.port] > mark[c.port]
+    finally:
+        stream.stop()
+    assert stream.failures == [], stream.failures[:5]
+    print(f"requests: {stream.sent}, failures: {len(stream.failures)}, "
+          f"served: {dict(stream.served)}")
