@@ -59,6 +59,22 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual([s.address for s in pool.backends], ["127.0.0.1:3001", "127.0.0.1:3002"])
         self.assertEqual([s.weight for s in pool.backends], [1, 2])
 
+    def test_srv_backends(self) -> None:
+        """--backends srv:NAME makes a pool of that source with no backends yet; --dns-server is the balancer's resolver."""
+        config = self.parse(
+            "--backends", "srv:_http._tcp.web.service.consul", "--dns-server", "127.0.0.1:8600"
+        )["config"]
+        (pool,) = config.pools
+        self.assertEqual((pool.source, pool.backends), ("srv:_http._tcp.web.service.consul", ()))
+        self.assertEqual(config.dnsServer, "127.0.0.1:8600")
+
+    def test_bad_dns_server(self) -> None:
+        """A --dns-server that is no IP address and port is a usage error saying so."""
+        e = self.assertRaises(
+            usage.UsageError, self.parse, "--backends", self.backends, "--dns-server", "consul"
+        )
+        self.assertIn("--dns-server", str(e))
+
     def test_port_repeatable(self) -> None:
         """--port may be given several times; a bare number means tcp:N, anything else goes to Twisted as it is."""
         options = self.parse(
@@ -152,6 +168,23 @@ class MakeServiceTests(SynchronousTestCase):
         options.parseOptions(["--backends", self.backends, *args])
         reactor = MemoryReactorClock()
         return makeService(options, reactor), reactor
+
+    def test_reload_rereads_the_backends_file(self) -> None:
+        """SIGHUP's reload reads the backends file again, with the command line's settings kept."""
+        service, reactor = self.service("--backend-timeout", "7")
+        service.startService()
+        self.addCleanup(service.stopService)
+        with open(self.backends, "w") as f:
+            f.write("127.0.0.1:3001\n127.0.0.1:3003 weight=3\n")
+        service.reload()
+        pool = service.config.pool("default")
+        self.assertEqual([(s.address, s.weight) for s in pool.backends],
+                         [("127.0.0.1:3001", 1), ("127.0.0.1:3003", 3)])
+        self.assertEqual(pool.backendTimeout, 7)
+        self.assertEqual(
+            [b.address for b in service.defaultPool.pool.backends],
+            ["127.0.0.1:3001", "127.0.0.1:3003"],
+        )
 
     def test_listens_on_each_port(self) -> None:
         """makeService listens on every --port once started, and stops cleanly."""

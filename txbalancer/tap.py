@@ -48,7 +48,9 @@ def _parameters() -> tuple[list[list[Any]], list[list[Any]]]:
     """
     parameters: list[list[Any]] = [
         ["backends", "b", None, "The backends file: one host:port per line, "
-         "optional flags weight=N, max_conns=N, backup. (required)"],
+         "optional flags weight=N, max_conns=N, priority=N, backup; or "
+         "srv:NAME for the DNS SRV records of NAME (see --dns-server). SIGHUP "
+         "reads it again. (required)"],
     ]
     flags: list[list[Any]] = []
     for s in commandLineSettings():
