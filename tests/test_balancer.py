@@ -194,6 +194,182 @@ class LifecycleTests(SynchronousTestCase):
         self.assertTrue(stream.closed)
 
 
+ROUTED = """\
+[pool.api]
+backends = ["127.0.0.1:3001"]
+[pool.admin]
+backends = ["127.0.0.1:4001"]
+[pool.web]
+backends = ["127.0.0.1:3003"]
+
+[[route]]
+path = "/api/"
+pool = "api"
+strip_prefix = true
+[[route]]
+host = "admin.example.com"
+path = "/admin/"
+pool = "admin"
+[[route]]
+pool = "web"
+"""
+
+
+def _configFrom(text: str) -> object:
+    import os
+    import tempfile
+
+    from txbalancer.config import load_config
+
+    directory = tempfile.mkdtemp(prefix="txbalancer-test-")
+    path = os.path.join(directory, "balancer.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return load_config(path)
+
+
+class RoutingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.lb = InMemoryBalancer(config=_configFrom(ROUTED))
+
+    def route(self, host: bytes, target: bytes) -> tuple[str, bytes]:
+        """Send one request; return the address of the backend it reached and what it received."""
+        client = self.lb.client()
+        client.send(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        (attempt,) = self.lb.pendingConnects()
+        address = attempt.address
+        backend = self.lb.acceptConnect()
+        sent = backend.received()
+        # Not kept alive: each request makes a connect, whose address tells the pool.
+        backend.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        self.lb.flush()
+        self.assertTrue(client.received().endswith(b"ok"))
+        return address, sent
+
+    def test_prefix_is_stripped(self) -> None:
+        """/api/x reaches pool api's backend as /x, the query kept, and /api as /."""
+        address, sent = self.route(b"www.example.com", b"/api/x?q=%20")
+        self.assertEqual(address, "127.0.0.1:3001")
+        self.assertTrue(sent.startswith(b"GET /x?q=%20 HTTP/1.1\r\n"), sent)
+        self.assertIn(b"\r\nHost: www.example.com\r\n", sent)
+        address, sent = self.route(b"www.example.com", b"/api")
+        self.assertTrue(sent.startswith(b"GET / HTTP/1.1\r\n"), sent)
+
+    def test_host_and_path(self) -> None:
+        """/admin/ on admin.example.com reaches pool admin unchanged; elsewhere it goes to the default."""
+        address, sent = self.route(b"Admin.Example.com:8080", b"/admin/users")
+        self.assertEqual(address, "127.0.0.1:4001")
+        self.assertTrue(sent.startswith(b"GET /admin/users HTTP/1.1\r\n"), sent)
+        self.assertIn(b"\r\nHost: Admin.Example.com:8080\r\n", sent)
+        address, _ = self.route(b"www.example.com", b"/admin/")
+        self.assertEqual(address, "127.0.0.1:3003")
+        address, sent = self.route(b"admin.example.com", b"/apix")
+        self.assertEqual(address, "127.0.0.1:3003")
+        self.assertTrue(sent.startswith(b"GET /apix HTTP/1.1\r\n"))
+
+    def test_handler_is_the_router(self) -> None:
+        """With routes the handler hands requests to the router; without, to the one pool's forwarder itself."""
+        from txbalancer.balancer import Router
+
+        self.assertIsInstance(self.lb.balancer.handler.current, Router)
+        self.assertIs(self.lb.balancer.router, self.lb.balancer.handler.current)
+        plain = InMemoryBalancer(["127.0.0.1:3001"])
+        self.assertIs(plain.balancer.handler.current, plain.forwarder)
+        self.assertIsNone(plain.balancer.router)
+
+
+class NotFoundTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.log = io.StringIO()
+        config = _configFrom(ROUTED.replace('[[route]]\npool = "web"\n', ""))
+        self.lb = InMemoryBalancer(config=config, accessLog=AccessLog(self.log, lambda: 0.0))
+        self.lb.balancer.router.accessLog = self.lb.forwarder.accessLog
+
+    def test_no_route_is_404(self) -> None:
+        """A request no route matches gets 404 with a short body, reaches no backend, and is counted."""
+        client = self.lb.client()
+        client.send(b"POST /other HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        response = client.received()
+        self.assertTrue(response.startswith(b"HTTP/1.1 404 "), response)
+        self.assertTrue(response.endswith(b"no route for this host and path\n"), response)
+        self.assertEqual(self.lb.pendingConnects(), [])
+        self.assertEqual(self.lb.balancer.router.notFound, 1)
+        self.assertEqual(self.lb.factory.counters.get("refused"), 1)
+        self.assertIn('"POST /other HTTP/1.1" 404 0', self.log.getvalue())
+
+    def test_keep_alive_after_404(self) -> None:
+        """After a 404 the connection serves the next request, which is routed."""
+        client = self.lb.client()
+        client.send(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /api/y HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(client.received().startswith(b"HTTP/1.1 404 "))
+        self.assertFalse(client.closed)
+        (attempt,) = self.lb.pendingConnects()
+        self.assertEqual(attempt.address, "127.0.0.1:3001")
+        self.assertTrue(self.lb.acceptConnect().received().startswith(b"GET /y HTTP/1.1"))
+
+    def test_interface(self) -> None:
+        """The exchange of an unrouted request provides IExchange."""
+        from txbalancer.balancer import NotFound
+
+        verifyObject(IExchange, NotFound(self.lb.balancer.router, None, None))
+
+
+class AgreementTests(SynchronousTestCase):
+    """
+    Several balancers built from the same configuration agree on where a
+    client goes without talking to each other.
+    """
+
+    def test_ip_hash_agrees(self) -> None:
+        """Two balancers from one config file send each client address to the same backend of each pool."""
+        text = (
+            '[pool.a]\nstrategy = "ip-hash"\nbackends = ["127.0.0.1:3001", "127.0.0.1:3002",'
+            ' "127.0.0.1:3003 weight=2", "127.0.0.1:3004"]\n'
+            '[pool.b]\nstrategy = "ip-hash"\nbackends = ["127.0.0.1:4001", "127.0.0.1:4002"]\n'
+        )
+        one = Balancer(config=_configFrom(text), reactor=MemoryReactorClock())
+        two = Balancer(config=_configFrom(text), reactor=MemoryReactorClock())
+        for name in ("a", "b"):
+            chosen = set()
+            for i in range(50):
+                key = f"198.51.100.{i}"
+                first = one.pools[name].pool.choose(None, set(), key)
+                second = two.pools[name].pool.choose(None, set(), key)
+                self.assertEqual(first.address, second.address)
+                chosen.add(first.address)
+            self.assertGreater(len(chosen), 1)
+
+    def test_sticky_secret_file(self) -> None:
+        """Balancers sharing --sticky-secret-file give a backend the same cookie and honour each other's."""
+        import os
+        import tempfile
+
+        secret = os.path.join(tempfile.mkdtemp(prefix="txbalancer-test-"), "secret")
+        with open(secret, "w") as f:
+            f.write("correct horse battery staple\n")
+        lines = ["127.0.0.1:3001", "127.0.0.1:3002"]
+        one = Balancer(lines, stickyCookie="lb", stickySecretFile=secret, reactor=MemoryReactorClock())
+        two = Balancer(lines, stickyCookie="lb", stickySecretFile=secret, reactor=MemoryReactorClock())
+        other = Balancer(lines, stickyCookie="lb", reactor=MemoryReactorClock())
+        for backend in one.defaultPool.pool.backends:
+            cookie = one.defaultPool.pool.cookieFor(backend)
+            self.assertEqual(two.defaultPool.pool.backendForCookie(cookie).address, backend.address)
+            self.assertIsNone(other.defaultPool.pool.backendForCookie(cookie))
+
+    def test_short_sticky_secret(self) -> None:
+        """A sticky secret file of fewer than 16 bytes stops the balancer with an error naming it."""
+        import os
+        import tempfile
+
+        secret = os.path.join(tempfile.mkdtemp(prefix="txbalancer-test-"), "secret")
+        with open(secret, "w") as f:
+            f.write("short\n")
+        e = self.assertRaises(ConfigError, Balancer, ["127.0.0.1:3001"],
+                              stickySecretFile=secret, reactor=MemoryReactorClock())
+        self.assertIn(secret, str(e))
+        self.assertIn("at least 16", str(e))
+
+
 class ChangingBackendsTests(SynchronousTestCase):
     """
     Backends added and removed while requests flow (what reload, the admin

@@ -568,3 +568,412 @@ def test_round_trip(specs, styles, blank_every):
             )
         )
     assert parse_backends("\n".join(lines) + "\n", "gen.txt") == tuple(expected)
+
+
+# ---------------------------------------------------------------------------
+# The TOML configuration file
+
+from txbalancer.config import load_config, load_secret  # noqa: E402
+
+
+def write(tmp_path, text: str, name: str = "balancer.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+SEED = """\
+[[listen]]
+endpoint = "tcp:8000"
+
+[pool.api]
+backends = [
+    "127.0.0.1:3001",
+    "127.0.0.1:3002 weight=2",
+]
+strategy = "least-conn"
+health = { path = "/healthz", interval = 5, timeout = 2, rise = 2, fall = 3 }
+
+[pool.admin]
+backends_file = "admin-backends.txt"
+
+[pool.web]
+backends = ["127.0.0.1:3003"]
+backend-timeout = 30
+
+[[route]]
+path = "/api/"
+pool = "api"
+strip_prefix = true
+
+[[route]]
+host = "admin.example.com"
+path = "/admin/"
+pool = "admin"
+
+[[route]]
+pool = "web"
+
+[balancer]
+client-timeout = 10
+backend-timeout = 20
+
+[admin]
+endpoint = "tcp:9000:interface=127.0.0.1"
+"""
+
+
+def seed(tmp_path) -> str:
+    (tmp_path / "admin-backends.txt").write_text("# admin\n127.0.0.1:4001\n")
+    return write(tmp_path, SEED)
+
+
+def test_toml_seed_example(tmp_path):
+    """The design's example reads into three pools, three routes, a listener and the admin endpoint."""
+    path = seed(tmp_path)
+    config = load_config(path)
+    assert [p.name for p in config.pools] == ["api", "admin", "web"]
+    api, admin, web = config.pools
+    assert [(b.address, b.weight, b.lineno) for b in api.backends] == [
+        ("127.0.0.1:3001", 1, 6),
+        ("127.0.0.1:3002", 2, 7),
+    ]
+    assert all(b.filename == path for b in api.backends)
+    assert api.strategy == "least-conn"
+    assert (api.healthPath, api.healthInterval, api.healthTimeout, api.rise, api.fall) == (
+        "/healthz", 5.0, 2.0, 2, 3)
+    assert admin.source == str(tmp_path / "admin-backends.txt")
+    assert [b.address for b in admin.backends] == ["127.0.0.1:4001"]
+    assert [(r.pool, r.host, r.path, r.stripPrefix, r.lineno) for r in config.routes] == [
+        ("api", None, "/api/", True, 19),
+        ("admin", "admin.example.com", "/admin/", False, 24),
+        ("web", None, None, False, 29),
+    ]
+    assert [listener.endpoint for listener in config.listeners] == ["tcp:8000"]
+    assert config.admin == "tcp:9000:interface=127.0.0.1"
+    assert config.configFile == path
+
+
+def test_toml_precedence(tmp_path):
+    """A pool's own table wins over [balancer], which wins over the default; the command line wins over both."""
+    config = load_config(seed(tmp_path))
+    api, admin, web = config.pools
+    assert (api.backendTimeout, admin.backendTimeout, web.backendTimeout) == (20.0, 20.0, 30.0)
+    assert api.connectTimeout == 3.0
+    assert config.clientTimeout == 10.0
+    config = load_config(
+        seed(tmp_path), commandLine={"backend-timeout": "7", "client-timeout": "9"}
+    )
+    assert [p.backendTimeout for p in config.pools] == [7.0, 7.0, 7.0]
+    assert config.clientTimeout == 9.0
+
+
+def test_toml_command_line_listeners_replace_the_file(tmp_path):
+    """Listeners given on the command line replace the file's [[listen]] tables."""
+    from txbalancer.settings import ListenerConfig
+
+    config = load_config(seed(tmp_path), listeners=[ListenerConfig("tcp:9999")])
+    assert [listener.endpoint for listener in config.listeners] == ["tcp:9999"]
+
+
+def test_toml_no_listen_means_the_default(tmp_path):
+    """A file without [[listen]] listens on the default port."""
+    path = write(tmp_path, '[pool.default]\nbackends = ["127.0.0.1:3001"]\n')
+    assert [listener.endpoint for listener in load_config(path).listeners] == ["tcp:8000"]
+
+
+def test_toml_backends_from_the_command_line(tmp_path):
+    """--backends gives a file without pools its one pool, named default, with [balancer]'s pool settings."""
+    from txbalancer.settings import PoolConfig
+    from txbalancer.testing import backendSpecs
+
+    path = write(tmp_path, '[balancer]\nstrategy = "ip-hash"\nclient-timeout = 5\n')
+    pool = PoolConfig(backends=backendSpecs("127.0.0.1:3001"), source="b.txt")
+    config = load_config(path, backends=pool)
+    (only,) = config.pools
+    assert (only.name, only.strategy, only.source) == ("default", "ip-hash", "b.txt")
+    assert config.clientTimeout == 5.0
+    e = pytest.raises(ConfigError, load_config, seed(tmp_path), backends=pool).value
+    assert "default" in str(e)
+
+
+def test_toml_listeners_and_tls(tmp_path):
+    """A listener takes any endpoint string, a bare port, tls = { cert, key, chain } relative to the file, or ssl:."""
+    path = write(tmp_path, """\
+[[listen]]
+endpoint = "tcp:8443:interface=127.0.0.1"
+tls = { cert = "fullchain.pem", key = "privkey.pem", chain = "/etc/chain.pem" }
+[[listen]]
+endpoint = 8080
+[[listen]]
+endpoint = "unix:/run/lb.sock"
+[[listen]]
+endpoint = "ssl:9443:privateKey=key.pem:certKey=cert.pem"
+[[listen]]
+endpoint = "systemd:domain=INET:index=0"
+[pool.web]
+backends = ["127.0.0.1:3003"]
+""")
+    listeners = load_config(path).listeners
+    assert [listener.endpoint for listener in listeners] == [
+        "tcp:8443:interface=127.0.0.1", "tcp:8080", "unix:/run/lb.sock", "tcp:9443",
+        "systemd:domain=INET:index=0",
+    ]
+    tls = listeners[0].tls
+    assert (tls.cert, tls.key, tls.chain) == (
+        str(tmp_path / "fullchain.pem"), str(tmp_path / "privkey.pem"), "/etc/chain.pem")
+    assert (listeners[3].tls.cert, listeners[3].tls.key) == (
+        str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+    assert [listener.secure for listener in listeners] == [True, False, False, True, False]
+
+
+def test_toml_srv_backends(tmp_path):
+    """backends = "srv:NAME" records the source and no backends (the DNS lookup resolves it)."""
+    path = write(tmp_path, '[pool.app]\nbackends = "srv:_http._tcp.app.service.consul"\n')
+    (pool,) = load_config(path).pools
+    assert (pool.source, pool.backends) == ("srv:_http._tcp.app.service.consul", ())
+
+
+def test_toml_settings_of_every_kind(tmp_path):
+    """Every kind of setting takes its TOML type: numbers, flags, sizes, networks, status ranges, paths."""
+    (tmp_path / "secret").write_text("0123456789abcdef0123\n")
+    path = write(tmp_path, """\
+[pool.web]
+backends = ["127.0.0.1:3003"]
+no-health-checks = true
+health = { status = "200-299", host = "web.internal" }
+sticky-cookie = "lb"
+max-ejected-percent = 25.5
+[balancer]
+max-body-size = "10M"
+trusted-proxies = ["10.0.0.0/8", "127.0.0.1"]
+access-log = "logs/access.log"
+hsts = 3600
+sticky-secret-file = "secret"
+""")
+    config = load_config(path)
+    (pool,) = config.pools
+    assert pool.noHealthChecks is True
+    assert (pool.healthStatus, pool.healthHost, pool.stickyCookie) == ((200, 299), "web.internal", "lb")
+    assert pool.maxEjectedPercent == 25.5
+    assert config.maxBodySize == 10 * 1024**2
+    assert [str(n) for n in config.trustedProxies] == ["10.0.0.0/8", "127.0.0.1/32"]
+    assert config.accessLog == str(tmp_path / "logs" / "access.log")
+    assert config.stickySecretFile == str(tmp_path / "secret")
+    assert config.hsts == 3600
+
+
+# (file text, the line the error names, words the message contains)
+POOL = '[pool.web]\nbackends = ["127.0.0.1:3003"]\n'
+TOML_ERRORS = {
+    "unknown top-level key": ("[pool.web]\nbackends = [\"127.0.0.1:1\"]\n[pools.x]\n", 3,
+                              ["unknown key 'pools'", "did you mean 'pool'"]),
+    "unknown pool key": (POOL + "backend-timout = 3\n", 3,
+                         ["unknown key 'backend-timout'", "did you mean 'backend-timeout'"]),
+    "unknown balancer key": (POOL + "\n[balancer]\n\nclient-timout = 3\n", 6,
+                             ["did you mean 'client-timeout'"]),
+    "unknown health key": (POOL + "health = { pth = '/x' }\n", 3,
+                           ["unknown key 'pth'", "did you mean 'path'"]),
+    "unknown route key": (POOL + "[[route]]\npool = 'web'\n[[route]]\npool = 'web'\npth = '/x'\n",
+                          7, ["unknown key 'pth'", "did you mean 'path'"]),
+    "unknown listen key": ("[[listen]]\nendpont = 'tcp:1'\n" + POOL, 2,
+                           ["did you mean 'endpoint'"]),
+    "unknown admin key": (POOL + "[admin]\ntoken_file = 'x'\n", 4,
+                          ["did you mean 'token-file'"]),
+    "wrong type": (POOL + 'backend-timeout = "30"\n', 3,
+                   ["backend-timeout", "expected a number of seconds", "a string"]),
+    "wrong type of flag": (POOL + 'no-health-checks = "yes"\n', 3, ["true or false"]),
+    "bad value": (POOL + "rise = 0\n", 3, ["rise", "not at least 1"]),
+    "bad strategy": (POOL + 'strategy = "least-con"\n', 3, ["did you mean 'least-conn'"]),
+    "balancer setting in a pool": (POOL + "client-timeout = 3\n", 3, ["[balancer]"]),
+    "route to undefined pool": (POOL + "\n[[route]]\npath = '/x'\npool = 'wbe'\n", 4,
+                                ["undefined pool 'wbe'", "did you mean 'web'"]),
+    "route without pool": (POOL + "[[route]]\npath = '/x'\n", 3, ["needs a pool"]),
+    "route with a bad path": (POOL + "[[route]]\npool = 'web'\npath = 'api'\n", 5,
+                              ["path", "starting with '/'"]),
+    "route with a bad host": (POOL + "[[route]]\npool = 'web'\nhost = 'a.*.com'\n", 5, ["host"]),
+    "route host with a port": (POOL + "[[route]]\npool = 'web'\nhost = 'a.com:80'\n", 5,
+                               ["no port"]),
+    "strip_prefix without path": (POOL + "[[route]]\npool = 'web'\nstrip_prefix = true\n", 5,
+                                  ["needs a path"]),
+    "pool without backends": ("[pool.web]\nstrategy = 'random'\n", 1,
+                              ["pool 'web' has no backends"]),
+    "pool with empty backends": ("\n[pool.web]\nbackends = []\n", 2, ["no backends"]),
+    "bad backends line": ('[pool.web]\nbackends = [\n  "127.0.0.1:1",\n  # c\n'
+                          '  "127.0.0.1:2 wieght=2",\n]\n', 5, ["unknown flag 'wieght'"]),
+    "bad backends line on one line": ('[pool.web]\nbackends = ["127.0.0.1:1", "127.0.0.1:99999"]\n',
+                                      2, ["bad port"]),
+    "duplicate backend": ('[pool.web]\nbackends = [\n"127.0.0.1:1",\n"127.0.0.1:1"]\n', 4,
+                          ["duplicate backend", "first defined on line 3"]),
+    "backends not strings": ("[pool.web]\nbackends = [\n 3001,\n]\n", 3, ["strings"]),
+    "backends a number": ("[pool.web]\nbackends = 3001\n", 2, ['"srv:NAME"']),
+    "backends and backends_file": ('[pool.web]\nbackends = ["127.0.0.1:1"]\nbackends_file = "x"\n',
+                                   3, ["not both"]),
+    "missing backends file": ('[pool.web]\n\nbackends_file = "nowhere.txt"\n', 3,
+                              ["nowhere.txt", "cannot read"]),
+    "listen without endpoint": ("[[listen]]\ntls = { cert = 'c', key = 'k' }\n" + POOL, 1,
+                                ["needs an endpoint"]),
+    "bad endpoint": ("[[listen]]\nendpoint = 'nosuch:99'\n" + POOL, 2, ["not a usable endpoint", "nosuch:99"]),
+    "tls without key": ("[[listen]]\nendpoint = 'tcp:1'\ntls = { cert = 'c' }\n" + POOL, 3,
+                        ["key = FILE"]),
+    "listen as a table": ("[listen]\nendpoint = 'tcp:1'\n" + POOL, 1, ["[[listen]]"]),
+    "setting given twice": (POOL + "health-path = '/a'\nhealth = { path = '/b' }\n", 4,
+                            ["already given"]),
+    "missing sticky secret": (POOL + "[balancer]\nsticky-secret-file = 'nowhere'\n", 4,
+                              ["sticky-secret-file", "nowhere", "cannot read"]),
+    "not TOML": (POOL + "backend-timeout = \n", 3, ["not valid TOML"]),
+    "key after a multi-line array": ('[pool.web]\nbackends = [\n"127.0.0.1:1",\n]\nfoo = 1\n', 5,
+                                     ["unknown key 'foo'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOML_ERRORS))
+def test_toml_errors_name_file_and_line(tmp_path, case):
+    """Each kind of mistake in the config file is an error naming the file, the right line and what was expected."""
+    text, line, words = TOML_ERRORS[case]
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    e = info.value
+    assert (e.filename, e.lineno) == (path, line), str(e)
+    assert str(e).startswith(f"{path}:{line}: ")
+    for word in words:
+        assert word in e.message, str(e)
+
+
+def test_toml_backends_file_error_names_that_file(tmp_path):
+    """A bad line in a pool's backends_file is named by that file and its line."""
+    (tmp_path / "b.txt").write_text("127.0.0.1:1\n127.0.0.1:x\n")
+    path = write(tmp_path, '[pool.web]\nbackends_file = "b.txt"\n')
+    e = pytest.raises(ConfigError, load_config, path).value
+    assert (e.filename, e.lineno) == (str(tmp_path / "b.txt"), 2)
+
+
+def test_toml_missing_file(tmp_path):
+    """A config file that cannot be read is an error naming it."""
+    e = pytest.raises(ConfigError, load_config, str(tmp_path / "none.toml")).value
+    assert e.filename == str(tmp_path / "none.toml")
+    assert "cannot read config file" in e.message
+
+
+def test_toml_no_pools(tmp_path):
+    """A file without pools (and no --backends) is an error that says what to add."""
+    e = pytest.raises(ConfigError, load_config, write(tmp_path, "[balancer]\n")).value
+    assert "[pool.NAME]" in e.message
+
+
+def test_toml_locator_ignores_lookalikes_in_strings(tmp_path):
+    """Brackets, quotes and key = value inside strings and comments do not move the lines of later keys."""
+    path = write(tmp_path, '''\
+[pool.web]  # a [comment]
+health-host = "a]b[c"
+backends = [  # [
+    "127.0.0.1:1",  # "x = 1"
+  '127.0.0.1:2', 
+]
+health-path = """/a
+[pool.other]
+x = 1"""
+bogus = 1
+''')
+    e = pytest.raises(ConfigError, load_config, path).value
+    assert (e.lineno, "unknown key 'bogus'" in e.message) == (10, True), str(e)
+
+
+def test_load_secret(tmp_path):
+    """A secret file's bytes are the key, whitespace stripped; fewer than 16 bytes is an error naming the file."""
+    good = tmp_path / "good"
+    good.write_bytes(b"  0123456789abcdef\n")
+    assert load_secret(str(good)) == b"0123456789abcdef"
+    short = tmp_path / "short"
+    short.write_bytes(b"0123456789abcde\n")
+    e = pytest.raises(ConfigError, load_secret, str(short)).value
+    assert e.filename == str(short) and "at least 16" in e.message
+    e = pytest.raises(ConfigError, load_secret, str(tmp_path / "none")).value
+    assert "cannot read" in e.message
+
+
+def _referenceSection() -> str:
+    with open(os.path.join(ROOT, "README.rst"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("\nConfiguration reference\n-----------------------\n")
+    # The section ends at the next heading of its level or above.
+    rest = text[start + 50 :]
+    ends = [i for i in (rest.find("\n----"), rest.find("\n====")) if i >= 0]
+    return rest[: min(ends)] if ends else rest
+
+
+def _everyKey() -> list[str]:
+    from txbalancer.config import FILE_KEYS
+    from txbalancer.settings import commandLineSettings
+
+    keys = [s.option for s in commandLineSettings()]
+    for table in FILE_KEYS.values():
+        keys.extend(table)
+    return keys
+
+
+def test_readme_reference_lists_every_key():
+    """README.rst's configuration reference lists every key the parser accepts: each setting and each key of the file's tables."""
+    section = _referenceSection()
+    missing = [key for key in _everyKey() if f"   * - ``{key}``" not in section
+               and f"   * - ``{key}`` (in" not in section]
+    assert not missing, f"README.rst's configuration reference lacks: {missing}"
+
+
+def test_shipped_example_uses_every_key(tmp_path):
+    """etc/balancer.toml loads as shipped (the seed's /api/, /admin/ and default routes) and shows every key."""
+    path = os.path.join(ROOT, "etc", "balancer.toml")
+    config = load_config(path)
+    assert [(r.pool, r.host, r.path, r.stripPrefix) for r in config.routes] == [
+        ("api", None, "/api/", True),
+        ("admin", "admin.example.com", "/admin/", False),
+        ("web", None, None, False),
+    ]
+    (admin,) = [p for p in config.pools if p.name == "admin"]
+    assert admin.source == os.path.join(ROOT, "etc", "admin-backends.txt")
+    assert admin.backends
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    import re
+
+    shown = set(re.findall(r"^[#\s]*\[{1,2}([a-z]+)", text, re.M))
+    shown |= set(re.findall(r"^[#\s]*([a-z0-9_-]+)\s*=", text, re.M))
+    shown |= set(re.findall(r"[{,]\s*([a-z0-9_-]+)\s*=", text))
+    missing = [key for key in _everyKey() if key not in shown]
+    assert not missing, f"etc/balancer.toml does not show: {missing}"
+
+
+def test_shipped_example_commented_keys_are_valid(tmp_path):
+    """The keys etc/balancer.toml shows commented out are valid too: with them uncommented (and their files made) it loads."""
+    import re
+    import shutil
+
+    with open(os.path.join(ROOT, "etc", "balancer.toml"), encoding="utf-8") as f:
+        text = f.read()
+    lines = []
+    for line in text.split("\n"):
+        match = re.match(r"# ((?:\[\[listen\]\]|[a-z_-]+ = ).*)", line)
+        if match and not line.startswith("# token ="):  # token or token-file
+            line = match.group(1)
+        if line.startswith("backends = \"srv:"):
+            continue  # the alternative to backends_file
+        lines.append(line)
+    path = tmp_path / "balancer.toml"
+    path.write_text("\n".join(lines))
+    shutil.copy(os.path.join(ROOT, "etc", "admin-backends.txt"), tmp_path)
+    (tmp_path / "sticky-secret").write_text("0123456789abcdef0123\n")
+    config = load_config(str(path))
+    assert [listener.secure for listener in config.listeners] == [False, True]
+    assert config.hsts == 31536000
+    assert config.stickySecretFile == str(tmp_path / "sticky-secret")
+    assert config.adminTokenFile == str(tmp_path / "admin-token")
+
+
+def test_toml_crlf_lines(tmp_path):
+    """A file with Windows line endings names the same lines."""
+    text = '[pool.web]\r\nbackends = [\r\n  "127.0.0.1:1",\r\n  "127.0.0.1:x",\r\n]\r\n'
+    path = tmp_path / "balancer.toml"
+    path.write_bytes(text.encode())
+    e = pytest.raises(ConfigError, load_config, str(path)).value
+    assert e.lineno == 4, str(e)

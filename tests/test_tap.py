@@ -127,7 +127,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("round-robin", str(e))
 
     def test_missing_backends(self) -> None:
-        """Without --backends it is a usage error."""
+        """Without --backends (or --config) it is a usage error."""
         e = self.assertRaises(usage.UsageError, self.parse)
         self.assertIn("--backends", str(e))
 
@@ -155,6 +155,98 @@ class OptionsTests(SynchronousTestCase):
             "--max-idle-per-backend", "--upstream-idle-timeout", "--drain-timeout",
         ):
             self.assertIn(name, text)
+
+
+CONFIG = """\
+[[listen]]
+endpoint = "tcp:8100"
+
+[pool.api]
+backends = ["127.0.0.1:3001"]
+backend-timeout = 30
+[pool.web]
+backends = ["127.0.0.1:3003"]
+
+[[route]]
+path = "/api"
+pool = "api"
+[[route]]
+pool = "web"
+
+[balancer]
+backend-timeout = 20
+client-timeout = 10
+"""
+
+
+class ConfigFileOptionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.config = _tempPath() + ".toml"
+        with open(self.config, "w") as f:
+            f.write(CONFIG)
+
+    def parse(self, *args: str) -> Options:
+        options = Options()
+        options.parseOptions(list(args))
+        return options
+
+    def test_config_alone(self) -> None:
+        """--config FILE needs no --backends: its pools, routes and listeners are the configuration."""
+        config = self.parse("--config", self.config)["config"]
+        self.assertEqual([p.name for p in config.pools], ["api", "web"])
+        self.assertEqual([p.backendTimeout for p in config.pools], [30.0, 20.0])
+        self.assertEqual([r.pool for r in config.routes], ["api", "web"])
+        self.assertEqual([listener.endpoint for listener in config.listeners], ["tcp:8100"])
+        self.assertEqual(config.configFile, self.config)
+
+    def test_command_line_overrides_the_file(self) -> None:
+        """An option on the command line wins over [balancer] and over a pool's own table; --port replaces [[listen]]."""
+        config = self.parse(
+            "--config", self.config, "--backend-timeout", "5", "--client-timeout", "3",
+            "--port", "9001",
+        )["config"]
+        self.assertEqual([p.backendTimeout for p in config.pools], [5.0, 5.0])
+        self.assertEqual(config.clientTimeout, 3.0)
+        self.assertEqual([listener.endpoint for listener in config.listeners], ["tcp:9001"])
+
+    def test_broken_config_file(self) -> None:
+        """A mistake in the config file stops start-up with one line: txbalancer: FILE:LINE: message."""
+        with open(self.config, "a") as f:
+            f.write("client-timout = 3\n")
+        e = self.assertRaises(SystemExit, self.parse, "--config", self.config)
+        message = str(e.code)
+        self.assertTrue(message.startswith(f"txbalancer: {self.config}:19: unknown key"), message)
+        self.assertIn("did you mean 'client-timeout'", message)
+        self.assertEqual(len(message.splitlines()), 1)
+
+    def test_backends_without_pools(self) -> None:
+        """--backends with a config file that has no pools gives it the pool named default."""
+        backends = _tempPath()
+        with open(backends, "w") as f:
+            f.write("127.0.0.1:3009\n")
+        with open(self.config, "w") as f:
+            f.write("[balancer]\nstrategy = 'least-conn'\n")
+        config = self.parse("--config", self.config, "--backends", backends)["config"]
+        (pool,) = config.pools
+        self.assertEqual((pool.name, pool.strategy), ("default", "least-conn"))
+        self.assertEqual([b.address for b in pool.backends], ["127.0.0.1:3009"])
+
+    def test_routed_service(self) -> None:
+        """makeService builds a routed balancer from --config and listens on the file's listener."""
+        options = self.parse("--config", self.config)
+        reactor = MemoryReactorClock()
+        service = makeService(options, reactor)
+        service.startService()
+        self.assertEqual([port for port, *_ in reactor.tcpServers], [8100])
+        self.assertEqual(sorted(service.pools), ["api", "web"])
+        self.assertIsNotNone(service.router)
+        self.successResultOf(service.stopService())
+
+    def test_help_shows_config(self) -> None:
+        """--help lists --config and --sticky-secret-file."""
+        text = str(Options())
+        self.assertIn("--config", text)
+        self.assertIn("--sticky-secret-file", text)
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -212,11 +304,13 @@ class MakeServiceTests(SynchronousTestCase):
         self.successResultOf(service.stopService())
 
     def test_bad_endpoint(self) -> None:
-        """An endpoint string Twisted cannot parse stops start-up with a message naming it."""
+        """An endpoint string Twisted cannot parse is a usage error naming it."""
         options = Options()
-        options.parseOptions(["--backends", self.backends, "--port", "nosuch:1234"])
-        e = self.assertRaises(SystemExit, makeService, options, MemoryReactorClock())
-        self.assertIn("nosuch:1234", str(e.code))
+        e = self.assertRaises(
+            usage.UsageError, options.parseOptions,
+            ["--backends", self.backends, "--port", "nosuch:1234"],
+        )
+        self.assertIn("nosuch:1234", str(e))
 
     def test_options_reach_the_parts(self) -> None:
         """Timeouts and limits from the command line reach the factory, forwarder and pool."""
@@ -248,10 +342,11 @@ class MakeServiceTests(SynchronousTestCase):
 
 class PureImportTests(SynchronousTestCase):
     def test_pure_modules_leave_reactor_alone(self) -> None:
-        """Importing config, backend, choosers and headers does not import the reactor."""
+        """Importing config, backend, choosers, headers and routing does not import the reactor."""
         code = (
             "import sys\n"
             "import txbalancer.config, txbalancer.backend, txbalancer.choosers, txbalancer.headers\n"
+            "import txbalancer.routing\n"
             "bad = [m for m in sys.modules if m == 'twisted.internet.reactor']\n"
             "print(bad)\n"
             "sys.exit(1 if bad else 0)\n"

@@ -20,7 +20,9 @@ What one pool is made of (L{PoolRuntime})::
     UpstreamPool       kept-alive connections to the backends (upstream.py)
     Forwarder          one ProxyExchange per request (proxy.py)
 
-and what the balancer adds: the front ends (L{serverFactory} for the
+and what the balancer adds: the L{Router} when the configuration has
+routes (the first matching route's pool serves a request, no match is a
+404), the front ends (L{serverFactory} for the
 strict HTTP/1.1 + h2 listener, L{resource} for twisted.web), the
 listeners of the configuration (L{listen}), and the order of a graceful
 stop: stop listening, let requests in flight finish (at most
@@ -39,19 +41,22 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from txbalancer import settings as _settings
 from txbalancer.accesslog import AccessLog
 from txbalancer.choosers import STRATEGIES
-from txbalancer.config import ConfigError, parse_backends
+from txbalancer.config import ConfigError, load_secret, parse_backends
 from txbalancer.downstream import HTTPServerFactory
 from txbalancer.health import HealthChecker, OutlierDetector
+from txbalancer.interfaces import IExchange
 from txbalancer.pool import BackendPool
 from txbalancer.proxy import Forwarder
+from txbalancer.routing import RouteTable
 from txbalancer.settings import BalancerConfig, ListenerConfig, PoolConfig
 from txbalancer.upstream import UpstreamPool, backendTLSOptions, loadTrustRoot
 
-__all__ = ["Balancer", "PoolRuntime"]
+__all__ = ["Balancer", "NotFound", "PoolRuntime", "Router"]
 
 log = Logger()
 
@@ -341,6 +346,84 @@ def _poolFromLines(lines: Any) -> PoolConfig:
     return PoolConfig(backends=specs)
 
 
+@implementer(IExchange)
+class NotFound:
+    """
+    The exchange of a request no route matches: 404 with a short plain-text
+    body, logged and counted like the front end's refusals; nothing
+    reaches a backend, and a body the client sends is read and dropped.
+    """
+
+    def __init__(self, router: "Router", request: Any, server: Any) -> None:
+        self.router = router
+        self.request = request
+        self.server = server
+
+    def start(self) -> None:
+        request = self.request
+        router = self.router
+        router.notFound += 1
+        factory = getattr(self.server, "factory", None) or getattr(
+            getattr(self.server, "connection", None), "factory", None
+        )
+        counters = getattr(factory, "counters", None)
+        if counters is not None:
+            counters["refused"] = counters.get("refused", 0) + 1
+        log.info(
+            "refused request from {peer}: 404 no route for {host} {target}",
+            peer=request.peer,
+            host=(request.host or b"-").decode("latin-1"),
+            target=request.target.decode("latin-1"),
+        )
+        if router.accessLog is not None:
+            router.accessLog.log(request, 404, 0, None)
+        self.server.sendError(404, "Not Found: no route for this host and path")
+
+    def bodyReceived(self, data: bytes) -> None:
+        pass
+
+    def bodyFinished(self) -> None:
+        pass
+
+    def clientGone(self) -> None:
+        pass
+
+
+class Router:
+    """
+    The handler of a balancer with routes: C{router(request, server)} is the
+    exchange of the pool the first matching route names (asking the backend
+    for less of the target when the route strips its prefix), or
+    L{NotFound}.
+
+    @ivar table: the compiled L{RouteTable}, its values the pools'
+        forwarders.
+    @ivar notFound: how many requests matched no route.
+    """
+
+    def __init__(self, routes: Sequence[Any], pools: dict[str, "PoolRuntime"],
+                 accessLog: Any = None) -> None:
+        for route in routes:
+            if route.pool not in pools:
+                raise ConfigError(
+                    f"route to undefined pool {route.pool!r}",
+                    route.filename or None,
+                    route.lineno or None,
+                )
+        self.table = RouteTable(routes, [pools[r.pool].forwarder for r in routes])
+        self.accessLog = accessLog
+        self.notFound = 0
+
+    def __call__(self, request: Any, server: Any) -> Any:
+        found = self.table.match(request.host, request.target)
+        if found is None:
+            return NotFound(self, request, server)
+        forwarder, target = found
+        exchange = forwarder(request, server)
+        exchange.target = target
+        return exchange
+
+
 class _Dispatch:
     """
     The handler every front end holds: C{dispatch(request, server)} asks
@@ -411,8 +494,9 @@ class Balancer(MultiService):
     @param reloader: called by L{reload} for the new configuration: a
         callable returning a L{BalancerConfig} (or raising L{ConfigError}).
         C{tap.makeService} gives one that reads the files again with the
-        command line's overrides kept; by default every pool's backends
-        file is read again (L{rereadBackendsFiles}).
+        command line's overrides kept; by default the config file the
+        configuration came from is read again, or without one every pool's
+        backends file (L{rereadBackendsFiles}).
     @param resolver: the C{IResolver} of C{srv:} pools (by default one for
         C{dnsServer}, or the system's; tests pass a fake).
     """
@@ -451,6 +535,8 @@ class Balancer(MultiService):
             if config.accessLog
             else None
         )
+        if cookieSecret is None and config.stickySecretFile:
+            cookieSecret = load_secret(config.stickySecretFile)
         self.reloader = reloader
         self.resolver = resolver
         # The SRV lookups of the srv: pools, by pool name.
@@ -484,14 +570,32 @@ class Balancer(MultiService):
 
     def _serving(self, config: BalancerConfig, pools: dict[str, PoolRuntime]) -> Any:
         """
-        What requests are handed to under C{config} with C{pools}.
+        What requests are handed to under C{config} with C{pools}: the
+        first pool's forwarder (every request goes there, at no cost), or
+        with routes a new L{Router} (then L{router}).
+
+        @raise ConfigError: for a route that cannot be compiled.
         """
-        return next(iter(pools.values())).forwarder
+        if not config.routes:
+            return next(iter(pools.values())).forwarder
+        try:
+            return Router(config.routes, pools, self.accessLog)
+        except ValueError as e:
+            raise ConfigError(f"bad route: {e}") from None
+
+    @property
+    def router(self) -> Optional[Router]:
+        """
+        The L{Router} requests go through, or L{None} without routes.
+        """
+        current = self._dispatch.current
+        return current if isinstance(current, Router) else None
 
     @classmethod
     def fromConfig(cls, path: str, **kwargs: Any) -> "Balancer":
         """
-        A balancer built from the TOML configuration file at C{path}.
+        A balancer built from the TOML configuration file at C{path}
+        (C{kwargs} as for the constructor: C{reactor=} and such).
 
         @raise ConfigError: naming the file, the line and what is wrong.
         """
@@ -512,8 +616,10 @@ class Balancer(MultiService):
     def handler(self) -> Any:
         """
         C{handler(request, server)}: the exchange that serves C{request}.
-        One object for the balancer's life: a reload changes what it hands
-        requests to, not the handler the front ends hold.
+        Without routes, the first pool's forwarder; with routes, the
+        L{Router}; through one object for the balancer's life: a reload
+        changes what it hands requests to, not the handler the front ends
+        hold.
         """
         return self._dispatch
 
@@ -689,6 +795,10 @@ class Balancer(MultiService):
         try:
             if self.reloader is not None:
                 new = self.reloader()
+            elif self.config.configFile:
+                from txbalancer.config import load_config
+
+                new = load_config(self.config.configFile)
             else:
                 new = rereadBackendsFiles(self.config)
         except ConfigError as e:

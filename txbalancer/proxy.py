@@ -138,6 +138,10 @@ class ProxyExchange:
     def __init__(self, forwarder: Forwarder, request: Any, server: Any) -> None:
         self.forwarder = forwarder
         self.request = request
+        # What the backend is asked for: the request's target, or less of
+        # it when a route strips its prefix (the access log keeps the
+        # client's).
+        self.target = request.target
         self.server = server
         self.backend: Optional[Backend] = None
         self.conn: Optional[UpstreamConnection] = None
@@ -343,7 +347,7 @@ class ProxyExchange:
     def _buildHead(self, backend: Backend) -> bytes:
         request = self.request
         forwarder = self.forwarder
-        lines = [request.method + b" " + request.target + b" HTTP/1.1\r\n"]
+        lines = [request.method + b" " + self.target + b" HTTP/1.1\r\n"]
         if request.host is None:
             lines.append(b"Host: " + backend.address.encode("ascii") + CRLF)
         for name, value in endToEnd(request.headers, REQUEST_DROP):

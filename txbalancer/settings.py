@@ -476,6 +476,17 @@ class BalancerConfig:
         "tls-reload-interval", 10.0, seconds,
         "Seconds between checks of the certificate files' modification "
         "times (changed files are reloaded; SIGHUP reloads at once).")
+    # -- config file
+    stickySecretFile: Optional[str] = setting(
+        "sticky-secret-file", None, optionalText,
+        "Sign sticky cookies with the key in this file (at least 16 bytes, "
+        "surrounding whitespace stripped), so balancers sharing the file "
+        "honour each other's cookies. [default: a random key at start-up]")
+    # The admin server's, from the config file's [admin] table (plain
+    # values: the admin server owns their command-line options).
+    admin: Optional[str] = None
+    adminToken: Optional[str] = None
+    adminTokenFile: Optional[str] = None
     # -- dns
     dnsServer: Optional[str] = setting(
         "dns-server", None, dnsServer,
@@ -615,3 +626,36 @@ def check(config: BalancerConfig) -> None:
                 route.filename or None,
                 route.lineno or None,
             )
+
+
+# -- config file
+#
+# What a TOML value of each kind of setting must be: TOML has types, so
+# `backend-timeout = "30"` is a mistake the file reports, where the command
+# line (strings only) would accept "30".
+
+_TOML_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {
+    seconds: ((int, float), "a number of seconds"),
+    count: ((int,), "a whole number"),
+    positive: ((int,), "a whole number"),
+    nonNegative: ((int, float), "a number"),
+    percent: ((int, float), "a number"),
+    text: ((str,), "a string"),
+    optionalText: ((str,), "a string"),
+    flag: ((bool,), "true or false"),
+    statusRange: ((str, int, list), 'a status range such as "200-399"'),
+    strategy: ((str,), "a strategy name (a string)"),
+    cookieName: ((str,), "a cookie name (a string)"),
+    cidrs: ((str, list), 'networks: "10.0.0.0/8,127.0.0.1" or a list of strings'),
+    size: ((int, str), 'a size in bytes: a number, or a string like "10M"'),
+    hstsSeconds: ((int,), "a whole number of seconds"),
+    dnsServer: ((str,), 'HOST:PORT of a DNS server (a string like "127.0.0.1:8600")'),
+}
+
+
+def tomlType(s: Setting) -> Optional[tuple[tuple[type, ...], str]]:
+    """
+    C{(types, description)}: the TOML types a value of C{s} may have and
+    how to say so, or L{None} when its coercer alone decides.
+    """
+    return _TOML_TYPES.get(s.coerce)

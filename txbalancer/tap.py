@@ -2,10 +2,16 @@
 C{twistd balancer}: the command line, turned into a configuration value, a
 L{txbalancer.Balancer} and its listeners.
 
-Every option but the few that say where things are (C{--backends},
-C{--port}, C{--tls}) comes from the one table of settings in
+Every option but the few that say where things are (C{--config},
+C{--backends}, C{--port}, C{--tls}) comes from the one table of settings in
 L{txbalancer.settings}, so the command line, the TOML file and the Python
 API accept the same names and values.
+
+With C{--config FILE}, the file is read first and the command line wins:
+a setting given on the command line overrides both the file's
+C{[balancer]} table and every pool's own table; C{--port}/C{--tls} replace
+the file's C{[[listen]]} tables; C{--backends} gives the pool named
+C{default} its backends.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any, Optional
 from twisted.python import usage
 
 from txbalancer import __version__
-from txbalancer.config import ConfigError, load_backends
+from txbalancer.config import ConfigError, check_endpoint, load_backends, load_config
 from txbalancer.settings import (
     ListenerConfig,
     PoolConfig,
@@ -50,7 +56,8 @@ def _parameters() -> tuple[list[list[Any]], list[list[Any]]]:
         ["backends", "b", None, "The backends file: one host:port per line, "
          "optional flags weight=N, max_conns=N, priority=N, backup; or "
          "srv:NAME for the DNS SRV records of NAME (see --dns-server). SIGHUP "
-         "reads it again. (required)"],
+         "reads it again. (required without --config; with it, the backends "
+         "of the pool named default)"],
     ]
     flags: list[list[Any]] = []
     for s in commandLineSettings():
@@ -65,8 +72,10 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "An HTTP(S) load balancer and reverse proxy. Spreads requests over "
-        "the backends listed in --backends, streaming bodies both ways over "
-        "kept-alive backend connections. SIGTERM stops it gracefully."
+        "the backends listed in --backends (or the pools and routes of "
+        "--config FILE, which the options given here override), streaming "
+        "bodies both ways over kept-alive backend connections. SIGTERM stops "
+        "it gracefully."
     )
 
     optParameters, optFlags = _parameters()
@@ -75,6 +84,22 @@ class Options(usage.Options):
         usage.Options.__init__(self)
         self["port"] = []
         self["tls"] = []
+        self["configFile"] = None
+        # The opt_ methods' docstrings are help texts: one paragraph each,
+        # without the indentation of their source lines.
+        self.docs = {
+            name: " ".join(doc.split()) if isinstance(doc, str) else doc
+            for name, doc in self.docs.items()
+        }
+
+    def opt_config(self, path: str) -> None:
+        """
+        A TOML file with listeners, pools, routes and settings (see
+        README.rst). Options given on the command line override it: a
+        setting overrides [balancer] and every pool's table, --port
+        replaces its [[listen]] tables.
+        """
+        self["configFile"] = path
 
     def getUsage(self, width: Optional[int] = None) -> str:
         """
@@ -108,6 +133,10 @@ class Options(usage.Options):
         elif not stripped:
             raise usage.UsageError("--port: empty value (give a port number or an endpoint)")
         else:
+            try:
+                check_endpoint(stripped)
+            except ConfigError as e:
+                raise usage.UsageError(str(e))
             self["port"].append(ListenerConfig(stripped))
 
     opt_p = opt_port
@@ -151,47 +180,66 @@ class Options(usage.Options):
         return values
 
     def postOptions(self) -> None:
-        if not self["backends"]:
-            raise usage.UsageError("--backends FILE is required")
-        listeners = self["port"] + self["tls"] or [ListenerConfig("tcp:8000")]
+        configFile = self["configFile"]
+        if not self["backends"] and not configFile:
+            raise usage.UsageError("--backends FILE (or --config FILE) is required")
         try:
             # Values first: a usage mistake is reported before any file is read.
-            values = coerce(self.given())
+            coerce(self.given())
         except ConfigError as e:
             raise usage.UsageError(str(e))
+        # A broken file is not a usage mistake: say what and where in one
+        # line, without twistd's page of help.
         try:
             pool = self._defaultPool()
         except ConfigError as e:
-            # A broken backends file is not a usage mistake: say what and
-            # where in one line, without twistd's page of help.
             raise SystemExit(f"txbalancer: {e}")
         try:
-            self["config"] = build([pool], values, listeners)
+            self["config"] = self._readConfig(pool)
         except ConfigError as e:
+            if configFile:
+                raise SystemExit(f"txbalancer: {e}")
             raise usage.UsageError(str(e))
 
-
-    def _defaultPool(self) -> PoolConfig:
+    def _defaultPool(self) -> Optional[PoolConfig]:
         """
         The pool of C{--backends}: a backends file read now, or C{srv:NAME}
-        (its backends come from DNS once running).
+        (its backends come from DNS once running); L{None} without
+        C{--backends}.
 
         @raise ConfigError: for a broken backends file.
         """
         source = self["backends"]
+        if not source:
+            return None
         if source.startswith("srv:"):
             return PoolConfig(backends=(), source=source)
         return PoolConfig(backends=load_backends(source), source=source)
 
-    def reloadConfig(self) -> Any:
+    def _readConfig(self, pool: Optional[PoolConfig]) -> Any:
         """
-        The configuration read again from its files, the command line's
-        values over it as at start-up: what SIGHUP applies.
+        The configuration of the config file (or of C{--backends} alone),
+        with the command line's values over it.
 
         @raise ConfigError: naming the file and line of a mistake.
         """
-        listeners = self["port"] + self["tls"] or [ListenerConfig("tcp:8000")]
-        return build([self._defaultPool()], self.given(), listeners)
+        given = self.given()
+        listeners = self["port"] + self["tls"]
+        if self["configFile"]:
+            return load_config(
+                self["configFile"], commandLine=given, backends=pool, listeners=listeners
+            )
+        return build([pool], given, listeners or [ListenerConfig("tcp:8000")])
+
+    def reloadConfig(self) -> Any:
+        """
+        The configuration read again from its files (the config file, every
+        backends file), the command line's values over it as at start-up:
+        what SIGHUP applies.
+
+        @raise ConfigError: naming the file and line of a mistake.
+        """
+        return self._readConfig(self._defaultPool())
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:

@@ -354,6 +354,10 @@ class InMemoryBalancer:
     advances (C{reactor.advance}).
 
     @param backends: backends-file lines.
+    @param config: a whole L{txbalancer.settings.BalancerConfig} instead
+        (several pools, routes), e.g. from
+        L{txbalancer.config.load_config}; then give no backends or
+        settings.  Which pool a pending connect is for, its address tells.
     @param settings: any setting of L{txbalancer.settings} by attribute
         name (C{backendTimeout=10}, C{strategy="least-conn"}, ...).
     """
@@ -364,6 +368,7 @@ class InMemoryBalancer:
         secure: bool = False,
         accessLog: Any = None,
         idleTimeout: Optional[float] = None,
+        config: Any = None,
         **settings: Any,
     ) -> None:
         from txbalancer.balancer import Balancer
@@ -372,14 +377,16 @@ class InMemoryBalancer:
         self.health = FakeHealthClient()
         if idleTimeout is not None:
             settings["upstreamIdleTimeout"] = idleTimeout
-        self.balancer = Balancer(
-            list(backends),
+        kwargs: dict[str, Any] = dict(
             reactor=self.reactor,
             random=random.Random(0),
             jitter=lambda: 0.0,
             healthClient=self.health,
-            **settings,
         )
+        if config is not None:
+            self.balancer = Balancer(config=config, **kwargs, **settings)
+        else:
+            self.balancer = Balancer(list(backends), **kwargs, **settings)
         self.factory = self.balancer.serverFactory(secure=secure)
         if accessLog is not None:
             self.forwarder.accessLog = accessLog

@@ -115,6 +115,40 @@ def backend(node, tmp_path, request):
             b.proc.stdout.close()
 
 
+def _launch(request, tmp_path, started, name, port, options, backends_file=None) -> Balancer:
+    """Run ``twistd -n balancer *options``; return once it accepts on ``port``."""
+    log = tmp_path / f"{name}.log"
+    args = twistd_command("-n", "--pidfile=", "balancer", *options)
+    proc = start_twistd(args, tmp_path, log)
+    b = Balancer(proc, port, log, backends_file, args)
+    started.append(b)
+    _attach_log(request, name, log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while not accepts(port):
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"balancer exited with {proc.returncode} before listening:\n{tail(log)}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"balancer not listening on {port} after {START_TIMEOUT} s:\n{tail(log)}"
+            )
+        time.sleep(0.05)
+    return b
+
+
+def _stop_all(started) -> None:
+    problems = []
+    for b in started:
+        b.stop()
+        text = b.log_text()
+        for marker in ("Unhandled error in Deferred", "Unhandled Error"):
+            if marker in text:
+                problems.append(f"{b.log}: {marker!r} in the balancer's log")
+    if problems:
+        pytest.fail("\n".join(problems))
+
+
 @pytest.fixture
 def balancer(tmp_path, request):
     """Factory: ``balancer(entries, *options)`` runs ``twistd -n balancer`` on a free port.
@@ -126,45 +160,30 @@ def balancer(tmp_path, request):
     started: list[Balancer] = []
 
     def start(entries, *options: str, name: str | None = None) -> Balancer:
-        n = len(started)
-        name = name or f"balancer-{n}"
+        name = name or f"balancer-{len(started)}"
         backends_file = write_backends(tmp_path / f"{name}-backends.txt", entries)
-        log = tmp_path / f"{name}.log"
         port = free_port()
-        args = twistd_command(
-            "-n",
-            "--pidfile=",
-            "balancer",
-            "--port",
-            f"tcp:{port}:interface={HOST}",
-            "--backends",
-            str(backends_file),
-            *options,
+        return _launch(
+            request, tmp_path, started, name, port,
+            ["--port", f"tcp:{port}:interface={HOST}", "--backends", str(backends_file),
+             *options],
+            backends_file,
         )
-        proc = start_twistd(args, tmp_path, log)
-        b = Balancer(proc, port, log, backends_file, args)
-        started.append(b)
-        _attach_log(request, name, log)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not accepts(port):
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"balancer exited with {proc.returncode} before listening:\n{tail(log)}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"balancer not listening on {port} after {START_TIMEOUT} s:\n{tail(log)}"
-                )
-            time.sleep(0.05)
-        return b
 
     yield start
-    problems = []
-    for b in started:
-        b.stop()
-        text = b.log_text()
-        for marker in ("Unhandled error in Deferred", "Unhandled Error"):
-            if marker in text:
-                problems.append(f"{b.log}: {marker!r} in the balancer's log")
-    if problems:
-        pytest.fail("\n".join(problems))
+    _stop_all(started)
+
+
+@pytest.fixture
+def balancer_command(tmp_path, request):
+    """Factory: ``balancer_command(port, *options)`` runs ``twistd -n balancer
+    *options`` as given (say ``--config FILE``, whose listener is on ``port``)
+    and returns once it accepts on ``port``; stopped like ``balancer``'s."""
+    started: list[Balancer] = []
+
+    def start(port: int, *options: str, name: str | None = None) -> Balancer:
+        name = name or f"balancer-{len(started)}"
+        return _launch(request, tmp_path, started, name, port, list(options))
+
+    yield start
+    _stop_all(started)

@@ -97,3 +97,26 @@ def test_missing_backends_option(tmp_path):
     assert code != 0, output
     assert "backends" in output, output
     assert "Traceback" not in output, output
+
+
+BAD_CONFIGS = {
+    # name: (config file content, line number named in the error)
+    "unknown-key": ('[pool.web]\nbackends = ["127.0.0.1:3001"]\nbackend-timout = 3\n', 3),
+    "wrong-type": ('[pool.web]\nbackends = ["127.0.0.1:3001"]\n\nrise = "two"\n', 4),
+    "undefined-pool": ('[pool.web]\nbackends = ["127.0.0.1:3001"]\n[[route]]\npool = "api"\n', 3),
+    "no-backends": ('\n[pool.web]\nstrategy = "random"\n', 2),
+    "bad-backend-line": ('[pool.web]\nbackends = [\n  "127.0.0.1:3001",\n  "127.0.0.1:0",\n]\n', 4),
+    "not-toml": ('[pool.web\nbackends = ["127.0.0.1:3001"]\n', 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_bad_config_file_names_file_and_line(tmp_path, name):
+    """A mistake in the --config file stops the real command with FILE:LINE: and a message, and no traceback."""
+    content, line = BAD_CONFIGS[name]
+    path = tmp_path / "balancer.toml"
+    path.write_text(content)
+    code, output = run_balancer(tmp_path, "--config", str(path))
+    assert code != 0, output
+    assert f"txbalancer: {path}:{line}: " in output, output
+    assert "Traceback" not in output, output
