@@ -290,3 +290,110 @@ def _takesConfig() -> bool:
     import inspect
 
     return "config" in inspect.signature(InMemoryBalancer).parameters
+
+
+ROUTED = """\
+[pool.api]
+backends = ["127.0.0.1:3001"]
+
+[pool.web]
+backends = ["127.0.0.1:3003"]
+
+[[route]]
+path = "/api/"
+pool = "api"
+
+[[route]]
+pool = "web"
+"""
+
+REROUTED = """\
+[pool.api]
+backends = ["127.0.0.1:3001", "127.0.0.1:3002 weight=2"]
+strategy = "least-conn"
+
+[pool.web]
+backends = ["127.0.0.1:3003"]
+
+[pool.admin]
+backends = ["127.0.0.1:4001"]
+
+[[route]]
+path = "/admin/"
+pool = "admin"
+
+[[route]]
+path = "/api/"
+pool = "api"
+
+[[route]]
+pool = "web"
+"""
+
+
+class ConfigFileReloadTests(SynchronousTestCase):
+    """
+    A balancer built from a TOML file reads it again on reload: pools and
+    routes change in one step.
+    """
+
+    def setUp(self) -> None:
+        from txbalancer.config import load_config
+
+        self.path = self.mktemp()
+        self.write(ROUTED)
+        self.lb = InMemoryBalancer(config=load_config(self.path))
+        self.balancer = self.lb.balancer
+
+    def write(self, text: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def route(self, target: bytes) -> str:
+        client = self.lb.client()
+        client.send(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+        (attempt,) = self.lb.pendingConnects()
+        address = attempt.address
+        self.lb.acceptConnect().respond(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        )
+        self.lb.flush()
+        self.assertTrue(client.received().endswith(b"ok"))
+        return address
+
+    def test_new_pool_and_route(self) -> None:
+        """A pool and a route added to the file serve after the reload; the kept pools keep their runtimes and backends."""
+        api = self.balancer.pools["api"]
+        kept = api.backend("127.0.0.1:3001")
+        self.assertEqual(self.route(b"/admin/x"), "127.0.0.1:3003")
+        self.write(REROUTED)
+        diff = self.balancer.reload()
+        self.assertTrue(diff.routes)
+        self.assertEqual([p.name for p in diff.added], ["admin"])
+        self.assertEqual(self.route(b"/admin/x"), "127.0.0.1:4001")
+        self.assertIs(self.balancer.pools["api"], api)
+        self.assertIs(api.backend("127.0.0.1:3001"), kept)
+        self.assertIsInstance(api.pool.chooser, LeastConn)
+        self.assertIn(self.route(b"/api/x"), {"127.0.0.1:3001", "127.0.0.1:3002"})
+
+    def test_broken_file_changes_nothing(self) -> None:
+        """A mistake in the TOML file raises ConfigError naming file and line, and the routes and pools run on."""
+        self.write(ROUTED.replace('pool = "web"', 'pool = "wbe"'))
+        before = self.balancer.config
+        error = self.assertRaises(ConfigError, self.balancer.reload)
+        self.assertIn(self.path, str(error))
+        self.assertIn("wbe", str(error))
+        self.assertIs(self.balancer.config, before)
+        self.assertEqual(self.route(b"/other"), "127.0.0.1:3003")
+
+    def test_removed_route_and_pool(self) -> None:
+        """A pool and its route taken out of the file: its requests get the remaining routes, and the pool retires."""
+        self.write(REROUTED)
+        self.balancer.reload()
+        self.write(ROUTED)
+        diff = self.balancer.reload()
+        self.assertEqual([p.name for p in diff.removed], ["admin"])
+        self.assertEqual(self.route(b"/admin/x"), "127.0.0.1:3003")
+        self.lb.reactor.advance(1)
+        self.assertEqual(self.balancer.retiring, [])
+        self.assertNotIn("admin", self.balancer.pools)

@@ -278,6 +278,25 @@ class MakeServiceTests(SynchronousTestCase):
             ["127.0.0.1:3001", "127.0.0.1:3003"],
         )
 
+    def test_reload_rereads_the_config_file(self) -> None:
+        """With --config, SIGHUP's reload reads the file again and the command line still overrides it."""
+        path = _tempPath()
+        with open(path, "w") as f:
+            f.write('[pool.web]\nbackends = ["127.0.0.1:3001"]\nbackend-timeout = 20\n')
+        options = Options()
+        options.parseOptions(["--config", path, "--connect-timeout", "1"])
+        service = makeService(options, MemoryReactorClock())
+        service.startService()
+        self.addCleanup(service.stopService)
+        with open(path, "w") as f:
+            f.write('[pool.web]\nbackends = ["127.0.0.1:3001", "127.0.0.1:3002"]\n'
+                    'backend-timeout = 30\nconnect-timeout = 9\n')
+        service.reload()
+        pool = service.config.pool("web")
+        self.assertEqual([s.address for s in pool.backends], ["127.0.0.1:3001", "127.0.0.1:3002"])
+        self.assertEqual((pool.backendTimeout, pool.connectTimeout), (30, 1))
+        self.assertEqual(service.pools["web"].forwarder.backendTimeout, 30)
+
     def test_listens_on_each_port(self) -> None:
         """makeService listens on every --port once started, and stops cleanly."""
         service, reactor = self.service("--port", "8081", "--port", "tcp:8082:interface=127.0.0.1")
