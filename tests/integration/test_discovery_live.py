@@ -6,6 +6,8 @@ test on 127.0.0.1 whose records change while traffic flows.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from .httpraw import get
-from .support import MARGIN, START_TIMEOUT, port_of, stop_process, wait_for
+from .httpraw import HOST, get
+from .support import MARGIN, START_TIMEOUT, free_port, port_of, stop_process, wait_for
 from .test_reload_live import Stream
 
 pytestmark = pytest.mark.integration
@@ -115,3 +117,53 @@ def test_srv_backends_follow_dns_under_traffic(backend, balancer, dns_server):
     assert stream.failures == [], stream.failures[:5]
     print(f"requests: {stream.sent}, failures: {len(stream.failures)}, "
           f"served: {dict(stream.served)}")
+
+
+def test_config_file_routes_and_srv_pool_reload(backend, balancer_command, dns_server, tmp_path):
+    """With --config, a pool from srv: and a routed pool from a backends file: SIGHUP adds a route and a backend, DNS adds a target, and a request stream sees no failure."""
+    api1, api2, web1, web2 = backend(), backend(), backend(), backend()
+    dns_server.serve((api1, 1, 0))
+    port = free_port()
+    web_file = tmp_path / "web-backends.txt"
+    web_file.write_text(f"{web1.address}\n")
+    config = tmp_path / "balancer.toml"
+
+    def write(extra_route: str = "") -> None:
+        config.write_text(
+            f'[[listen]]\nendpoint = "tcp:{port}:interface={HOST}"\n'
+            f'[balancer]\ndns-server = "127.0.0.1:{dns_server.port}"\n'
+            f'[pool.api]\nbackends = "srv:{NAME}"\n'
+            f'[pool.web]\nbackends_file = "{web_file}"\n'
+            + extra_route
+            + '[[route]]\npath = "/api/"\npool = "api"\n'
+            '[[route]]\npool = "web"\n'
+        )
+
+    write()
+    lb = balancer_command(port, "--config", str(config))
+    lb.wait_for_log(f"srv:{NAME}: 1 backends", START_TIMEOUT)
+    assert port_of(get(port, "/api/x")) == api1.port
+    assert port_of(get(port, "/x")) == web1.port
+
+    stream = Stream(port)
+    stream.start()
+    try:
+        wait_for(lambda: stream.sent > 50, 30, "the first requests")
+        # DNS: api2 joins pool api.
+        dns_server.serve((api1, 1, 0), (api2, 1, 0))
+        lb.wait_for_log("reload applied", 10 * MARGIN, count=2)
+        # SIGHUP: web2 joins pool web, /v2/ routes to api.
+        web_file.write_text(f"{web1.address}\n{web2.address}\n")
+        write('[[route]]\npath = "/v2/"\npool = "api"\n')
+        os.kill(lb.pid, signal.SIGHUP)
+        lb.wait_for_log("routes changed", 10 * MARGIN)
+        mark = stream.snapshot()
+        wait_for(lambda: stream.snapshot()[web2.port] > mark[web2.port] + 10, 30,
+                 "traffic to web2")
+    finally:
+        stream.stop()
+    assert stream.failures == [], stream.failures[:5]
+    assert {port_of(get(port, f"/api/{i}")) for i in range(6)} == {api1.port, api2.port}
+    assert {port_of(get(port, f"/v2/{i}")) for i in range(6)} == {api1.port, api2.port}
+    # The srv: pool kept its DNS backends through the SIGHUP.
+    assert lb.log_count("pool api: removing backend") == 0
