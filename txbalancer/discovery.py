@@ -186,7 +186,8 @@ class SRVDiscovery:
                 name=self.name,
                 n=len(specs),
                 backends=", ".join(
-                    f"{s.address} weight={s.weight} priority={s.priority}" for s in specs
+                    f"{s.address} weight={s.weight} priority={s.priority}"
+                    for s in specs
                 ),
                 ttl=ttl,
             )

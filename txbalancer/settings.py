@@ -217,7 +217,9 @@ def dnsServer(value: Any, option: str) -> Optional[str]:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{option}: expected HOST:PORT of a DNS server, got {value!r}")
+        raise ConfigError(
+            f"{option}: expected HOST:PORT of a DNS server, got {value!r}"
+        )
     host, port = splitDnsServer(value.strip(), option)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -227,7 +227,10 @@ class Options(usage.Options):
         listeners = self["port"] + self["tls"]
         if self["configFile"]:
             return load_config(
-                self["configFile"], commandLine=given, backends=pool, listeners=listeners
+                self["configFile"],
+                commandLine=given,
+                backends=pool,
+                listeners=listeners,
             )
         return build([pool], given, listeners or [ListenerConfig("tcp:8000")])
 
