@@ -765,6 +765,8 @@ class Balancer(MultiService):
             self.reload()
         except ConfigError:
             pass  # logged by reload(); the old configuration runs on
+        except Exception:
+            log.failure("reload failed")
 
     def _sigusr1(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reopenLogs)
