@@ -183,6 +183,21 @@ class ReloadTests(SynchronousTestCase):
         self.lb.reactor.advance(5)
         self.assertIn("http://127.0.0.1:3001/healthz", self.lb.health.checks)
 
+    def test_balancer_settings(self) -> None:
+        """Trusted proxies and HSTS change at once; a setting that needs a restart is logged as such."""
+        self.assertFalse(self.lb.forwarder.isTrusted("203.0.113.7"))
+        diff = self.reloadTo(
+            ("default", "127.0.0.1:3001;127.0.0.1:3002"),
+            trustedProxies="203.0.113.0/24", hsts=60, clientTimeout=5,
+        )
+        self.assertEqual(set(diff.settings), {"trustedProxies", "hsts", "clientTimeout"})
+        self.assertTrue(self.lb.forwarder.isTrusted("203.0.113.7"))
+        self.assertEqual(self.lb.forwarder.hsts[1], b"max-age=60")
+        self.assertTrue(any(
+            "clientTimeout" in str(e.get("settings")) and "restarted" in e["log_format"]
+            for e in self.logged if "log_format" in e
+        ))
+
     def test_rebuild_setting_new_runtime(self) -> None:
         """A setting a pool cannot take in place gives it a new runtime; the old one finishes its request, then stops."""
         old = self.lb.runtime

@@ -221,8 +221,7 @@ class PoolRuntime:
             statusRange=config.healthStatus,
         )
         b = balancerConfig
-        forwarder.trustedProxies = tuple(b.trustedProxies)
-        forwarder._trustCache.clear()
+        forwarder.setTrustedProxies(b.trustedProxies)
         forwarder.hsts = (
             (b"Strict-Transport-Security", b"max-age=%d" % (b.hsts,))
             if b.hsts is not None
@@ -230,9 +229,7 @@ class PoolRuntime:
         )
         forwarder.redirectHttps = b.redirectHttps
         forwarder.httpsPort = _httpsPort(b.listeners)
-        if config.panicThreshold != pool.panicThreshold:
-            pool.panicThreshold = config.panicThreshold
-            pool._refresh()
+        pool.setPanicThreshold(config.panicThreshold)
 
     def applyBackends(self, change: Any) -> list[Any]:
         """

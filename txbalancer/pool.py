@@ -112,6 +112,14 @@ class BackendPool(Service):
             backend.available = True
         self._available = available
 
+    def setPanicThreshold(self, percent: float) -> None:
+        """
+        A new C{panicThreshold} (a reload), applied to the backends now.
+        """
+        if percent != self.panicThreshold:
+            self.panicThreshold = percent
+            self._refresh()
+
     def setHealth(self, backend: Backend, state: str, reason: str = "") -> None:
         """
         The health of C{backend} changed to C{state} (C{"up"}, C{"down"} or
