@@ -12,7 +12,8 @@ again, so a test changes the answers by rewriting the file:
 
 An SRV query for a name in the file gets its records, with an A record per
 target that has an "address" in the additional section; any other name is
-NXDOMAIN.
+NXDOMAIN.  It serves UDP and TCP on the same port (answers too big for UDP
+are truncated, and clients ask again over TCP).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import sys
 
 from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError
 from twisted.names import common, dns, error, server
 
 
@@ -54,11 +56,43 @@ class FileAuthority(common.ResolverBase):
         return defer.succeed((answers, [], additional))
 
 
+class LoggingFactory(server.DNSServerFactory):
+    """
+    Says on stderr how each query came: "query NAME over UDP" or "over
+    TCP"; truncates UDP answers over 512 bytes.
+    """
+
+    def handleQuery(self, message, protocol, address):
+        over = "UDP" if isinstance(protocol, dns.DNSDatagramProtocol) else "TCP"
+        for query in message.queries:
+            print(f"query {query.name} over {over}", file=sys.stderr, flush=True)
+        return server.DNSServerFactory.handleQuery(self, message, protocol, address)
+
+    def sendReply(self, protocol, message, address):
+        # As real servers do: an answer over 512 bytes does not go over UDP,
+        # a truncated empty one does, and the client asks again over TCP.
+        if isinstance(protocol, dns.DNSDatagramProtocol) and len(message.toStr()) > 512:
+            message.answers, message.authority, message.additional = [], [], []
+            message.trunc = 1
+        return server.DNSServerFactory.sendReply(self, protocol, message, address)
+
+
 def main(path: str) -> None:
-    factory = server.DNSServerFactory(authorities=[FileAuthority(path)])
-    port = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-    print(f"listening {port.getHost().port}", flush=True)
-    reactor.run()
+    factory = LoggingFactory(authorities=[FileAuthority(path)])
+    # UDP and TCP on the same port: a client asks again over TCP when the
+    # UDP answer is truncated (more than 512 bytes).
+    for _ in range(20):
+        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        number = udp.getHost().port
+        try:
+            reactor.listenTCP(number, factory, interface="127.0.0.1")
+        except CannotListenError:
+            udp.stopListening()
+            continue
+        print(f"listening {number}", flush=True)
+        reactor.run()
+        return
+    raise SystemExit("no port free for both UDP and TCP")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ DNS_SERVER = Path(__file__).resolve().parent / "dnsserver.py"
 
 
 class DNSServer:
-    def __init__(self, proc: subprocess.Popen, port: int, zone: Path) -> None:
+    def __init__(self, proc: subprocess.Popen, port: int, zone: Path, log: Path) -> None:
         self.proc = proc
         self.port = port
         self.zone = zone
+        self.log = log
 
     def serve(self, *backends, ttl: int = 1, name: str = NAME) -> None:
         """
@@ -60,7 +61,7 @@ def dns_server(tmp_path, attach_log):
     try:
         line = proc.stdout.readline().decode()
         assert line.startswith("listening "), line
-        yield DNSServer(proc, int(line.split()[1]), zone)
+        yield DNSServer(proc, int(line.split()[1]), zone, log)
     finally:
         stop_process(proc)
         proc.stdout.close()
@@ -167,3 +168,20 @@ def test_config_file_routes_and_srv_pool_reload(backend, balancer_command, dns_s
     assert {port_of(get(port, f"/v2/{i}")) for i in range(6)} == {api1.port, api2.port}
     # The srv: pool kept its DNS backends through the SIGHUP.
     assert lb.log_count("pool api: removing backend") == 0
+
+
+def test_large_answer_over_tcp(backend, balancer, dns_server):
+    """An answer too big for UDP (40 records) is fetched again over TCP: every record becomes a backend."""
+    live = backend()
+    records = [{"target": f"t{i}.app.test", "port": live.port if i == 0 else 1 + i,
+                "weight": 1, "priority": 0 if i == 0 else 1, "address": "127.0.0.1"}
+               for i in range(40)]
+    dns_server.zone.write_text(json.dumps({NAME: {"ttl": 30, "records": records}}))
+    lb = balancer(
+        [], "--backends", f"srv:{NAME}", "--dns-server", f"127.0.0.1:{dns_server.port}",
+    )
+    lb.wait_for_log(f"srv:{NAME}: 40 backends", START_TIMEOUT)
+    # The one primary (priority 0) serves; the 39 others are a backup level.
+    assert {port_of(get(lb.port, f"/{i}")) for i in range(4)} == {live.port}
+    queries = dns_server.log.read_text()
+    assert f"query {NAME} over UDP" in queries and f"query {NAME} over TCP" in queries
