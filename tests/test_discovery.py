@@ -62,6 +62,7 @@ ANSWER_CASES = [
     ([srv("web.test", 2, priority=1), srv("WEB.test", 2, priority=5)], [],
      [("web.test:2", 1, 0)]),
     ([], [], []),
+    ([srv("b.test", 2), srv("a.test", 1)], [], [("a.test:1", 1, 0), ("b.test:2", 1, 0)]),
 ]
 
 
@@ -140,10 +141,10 @@ class SRVDiscoveryTests(SynchronousTestCase):
         self.assertEqual(self.discovery.nextLookup, 60.0)
 
     def test_same_answer_is_no_change(self) -> None:
-        """An answer with the same backends calls no one."""
-        self.resolver.answer(srv("a.test", 1, ttl=5))
+        """An answer with the same backends, in whatever order, calls no one."""
+        self.resolver.answer(srv("a.test", 1, ttl=5), srv("b.test", 2, ttl=5))
         self.clock.advance(5)
-        self.resolver.answer(srv("a.test", 1, ttl=5))
+        self.resolver.answer(srv("b.test", 2, ttl=5), srv("a.test", 1, ttl=5))
         self.assertEqual(len(self.changes), 1)
 
     def test_failed_lookup_keeps_last_good_set(self) -> None:

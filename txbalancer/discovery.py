@@ -46,8 +46,10 @@ def specsFromAnswer(
 ) -> tuple[BackendSpec, ...]:
     """
     The backends of the SRV records of C{name} among C{answers} (resource
-    records, C{twisted.names.dns.RRHeader}), ordered by priority, then as
-    they came; a target of C{.} (the service is not offered) is skipped.
+    records, C{twisted.names.dns.RRHeader}), ordered by level, then by
+    address: servers rotate the order of their records, and the same set
+    must compare equal; a target of C{.} (the service is not offered) is
+    skipped.
     """
     wanted = name.rstrip(".").lower()
     addresses: dict[str, str] = {}
@@ -64,7 +66,9 @@ def specsFromAnswer(
     levels = sorted({r.priority for r in records})
     specs: list[BackendSpec] = []
     seen: set[Any] = set()
-    for record in sorted(records, key=lambda r: r.priority):
+    for record in sorted(
+        records, key=lambda r: (r.priority, _name(r.target), r.port)
+    ):
         target = _name(record.target)
         host = addresses.get(target, target)
         spec = BackendSpec(
@@ -77,7 +81,7 @@ def specsFromAnswer(
         if spec.key not in seen:
             seen.add(spec.key)
             specs.append(spec)
-    return tuple(specs)
+    return tuple(sorted(specs, key=lambda s: (s.priority, s.key)))
 
 
 def _ipv6(payload: Any) -> str:
