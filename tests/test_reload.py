@@ -412,3 +412,21 @@ class ConfigFileReloadTests(SynchronousTestCase):
         self.lb.reactor.advance(1)
         self.assertEqual(self.balancer.retiring, [])
         self.assertNotIn("admin", self.balancer.pools)
+
+
+class RunTimeChangesTests(SynchronousTestCase):
+    def test_reload_undoes_run_time_changes(self) -> None:
+        """Backends added or removed at run time (the admin API) last until the next reload: it makes the pool what the file says."""
+        lb = InMemoryBalancer(["127.0.0.1:3001", "127.0.0.1:3002"])
+        runtime = lb.runtime
+        (extra,) = parse_backends("127.0.0.1:3009\n")
+        runtime.addBackend(extra)
+        runtime.removeBackend(lb.backend("127.0.0.1:3002"))
+        kept = lb.backend("127.0.0.1:3001")
+        config = configOf(("default", "127.0.0.1:3001;127.0.0.1:3002"))
+        lb.balancer.reloader = lambda: config
+        diff = lb.balancer.reload()
+        self.assertEqual(diff.pool("default").backends.describe(), "+1 -1 ~0 =1")
+        self.assertEqual([b.address for b in lb.pool.backends],
+                         ["127.0.0.1:3001", "127.0.0.1:3002"])
+        self.assertIs(lb.backend("127.0.0.1:3001"), kept)

@@ -812,7 +812,8 @@ class Balancer(MultiService):
     def apply(self, new: BalancerConfig) -> Any:
         """
         Make C{new} the running configuration, changing only what differs
-        (L{txbalancer.diff.diffConfigs}):
+        from what runs (L{txbalancer.diff.diffConfigs}; backends added or
+        removed at run time count as running, so C{new} undoes them):
 
             - new pools start; a removed pool takes no new requests and
               stops once its requests in flight are done;
@@ -833,11 +834,27 @@ class Balancer(MultiService):
         """
         return self._apply(self._keepDiscovered(new))
 
+    def _running(self) -> BalancerConfig:
+        """
+        The configuration that runs: C{self.config} with each pool's
+        backends as they are now (run-time changes, such as the admin
+        server's, included: a reload undoes them).
+        """
+        pools = []
+        for pool in self.config.pools:
+            runtime = self.pools.get(pool.name)
+            if runtime is not None:
+                pool = dataclasses.replace(
+                    pool, backends=tuple(b.spec for b in runtime.pool.backends)
+                )
+            pools.append(pool)
+        return self.config.replace(pools=tuple(pools))
+
     def _apply(self, new: BalancerConfig) -> Any:
         from txbalancer.diff import diffConfigs
 
         old = self.config
-        diff = diffConfigs(old, new)
+        diff = diffConfigs(self._running(), new)
         if diff.empty:
             log.info("reload: nothing changed")
             self.config = new
