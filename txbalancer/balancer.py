@@ -27,6 +27,12 @@ strict HTTP/1.1 + h2 listener, L{resource} for twisted.web), the
 listeners of the configuration (L{listen}), and the order of a graceful
 stop: stop listening, let requests in flight finish (at most
 C{drainTimeout} seconds), close the backend connections, stop the checks.
+
+A reload (L{Balancer.reload}: SIGHUP, C{POST /reload}) and each answer of
+the DNS lookups of C{srv:} pools (L{txbalancer.discovery}) go through one
+path, L{Balancer.apply}: the new configuration is diffed against what runs
+(L{txbalancer.diff}), new pools and the new router are built, one
+reference is swapped, and the kept pools change in place.
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ class PoolRuntime:
         self.name = config.name
         # Set when a reload retires this pool: the loop waiting for it to
         # be idle, and the Deferred of its stop.
-        self.retiring: Any = None
+        self.retireLoop: Any = None
         self.retired: Any = None
         self._random = random
         self._clock = reactor
@@ -940,7 +946,7 @@ class Balancer(MultiService):
             log.info("pool {pool}: retired", pool=runtime.name)
             return runtime.stop()
 
-        loop = runtime.retiring = LoopingCall(check)
+        loop = runtime.retireLoop = LoopingCall(check)
         loop.clock = self.reactor
         runtime.retired = loop.start(1.0, now=True).addCallback(stopped).addErrback(
             lambda f: log.failure("retiring pool {pool}", f, pool=runtime.name)
@@ -1047,8 +1053,8 @@ class Balancer(MultiService):
         # Retiring pools are idle by now (the drain is over): stop them.
         retired = []
         for runtime in list(self.retiring):
-            if runtime.retiring.running:
-                runtime.retiring.stop()
+            if runtime.retireLoop.running:
+                runtime.retireLoop.stop()
             retired.append(runtime.retired)
         yield defer.gatherResults(retired)
         yield defer.gatherResults([p.stop() for p in self.pools.values()])
