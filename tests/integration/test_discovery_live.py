@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -98,7 +97,8 @@ def test_srv_backends_follow_dns_under_traffic(backend, balancer, dns_server):
 
         # a goes away, c weighs 4, b becomes a backup level.
         change((c, 4, 10), (b, 1, 20))
-        time.sleep(0.5)  # requests in flight to a finish
+        # Logged once the requests that were in flight to a are done.
+        lb.wait_for_log(f"backend {a.address} removed", 10 * MARGIN)
         mark = stream.snapshot()
         wait_for(lambda: sum(stream.snapshot().values()) > sum(mark.values()) + 100,
                  30, "100 more requests")

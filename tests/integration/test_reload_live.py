@@ -112,7 +112,8 @@ def test_reload_under_traffic_fails_no_request(backend, balancer):
 
         # Remove b, reweight a: b stops getting traffic, a gets most.
         reload([f"{a.address} weight=4", c])
-        time.sleep(0.5)  # requests that were in flight to b finish
+        # Logged once the requests that were in flight to b are done.
+        lb.wait_for_log(f"backend {b.address} removed", 10 * MARGIN)
         gone = stream.snapshot()
         wait_for(lambda: sum(stream.snapshot().values()) > sum(gone.values()) + 100,
                  30, "100 more requests")
@@ -157,7 +158,8 @@ def test_stream_in_flight_survives_reloads(backend, balancer):
         client.send(
             b"GET /__slow?chunks=12&interval=250 HTTP/1.1\r\nHost: lb\r\n\r\n"
         )
-        time.sleep(0.5)  # the stream has begun
+        wait_for(lambda: slow.counts("/__slow")["started"] == 1, 10 * MARGIN,
+                 "the stream to begin")
         write_backends(lb.backends_file, [other])
         sighup(lb)
         lb.wait_for_log("reload applied", 10 * MARGIN)
