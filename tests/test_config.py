@@ -964,7 +964,9 @@ def test_shipped_example_commented_keys_are_valid(tmp_path):
     shutil.copy(os.path.join(ROOT, "etc", "admin-backends.txt"), tmp_path)
     (tmp_path / "sticky-secret").write_text("0123456789abcdef0123\n")
     config = load_config(str(path))
-    assert [listener.secure for listener in config.listeners] == [False, True]
+    assert [listener.secure for listener in config.listeners] == [False, True, False]
+    assert [listener.mode for listener in config.listeners] == [None, None, "tcp"]
+    assert config.listeners[2].pool == "web"
     assert config.hsts == 31536000
     assert config.stickySecretFile == str(tmp_path / "sticky-secret")
     assert config.adminTokenFile == str(tmp_path / "admin-token")

@@ -16,6 +16,15 @@ from txbalancer.settings import PoolConfig
 from txbalancer.testing import InMemoryBalancer
 
 GET = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+def _tempPath() -> str:
+    """A fresh path in a new temporary directory (trial's mktemp writes under
+    the current directory when run by pytest)."""
+    import os
+    import tempfile
+
+    return os.path.join(tempfile.mkdtemp(prefix="txbalancer-test-"), "file")
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
@@ -259,7 +268,7 @@ class ReloadTests(SynchronousTestCase):
 class BackendsFileTests(SynchronousTestCase):
     def test_reread(self) -> None:
         """By default a reload reads every pool's backends file again."""
-        path = self.mktemp()
+        path = _tempPath()
         with open(path, "w") as f:
             f.write("127.0.0.1:3001\n")
         config = _settings.build(
@@ -273,7 +282,7 @@ class BackendsFileTests(SynchronousTestCase):
 
     def test_reload_default_rereads_file(self) -> None:
         """A balancer given no reloader rereads its backends file on reload."""
-        path = self.mktemp()
+        path = _tempPath()
         with open(path, "w") as f:
             f.write("127.0.0.1:3001\n")
         config = _settings.build(
@@ -355,7 +364,7 @@ class ConfigFileReloadTests(SynchronousTestCase):
     def setUp(self) -> None:
         from txbalancer.config import load_config
 
-        self.path = self.mktemp()
+        self.path = _tempPath()
         self.write(ROUTED)
         self.lb = InMemoryBalancer(config=load_config(self.path))
         self.balancer = self.lb.balancer
@@ -430,3 +439,35 @@ class RunTimeChangesTests(SynchronousTestCase):
         self.assertEqual([b.address for b in lb.pool.backends],
                          ["127.0.0.1:3001", "127.0.0.1:3002"])
         self.assertIs(lb.backend("127.0.0.1:3001"), kept)
+
+
+class TCPModeReloadTests(SynchronousTestCase):
+    def test_tcp_listener_follows_its_pool(self) -> None:
+        """A TCP-mode listener sends new connections to its pool's new runtime after a reload that rebuilt it, and sees backends added in place."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from txbalancer.balancer import Balancer
+        from txbalancer.testing import FakeHealthClient
+
+        balancer = Balancer(
+            config=configOf(("default", "127.0.0.1:3001"), mode="tcp"),
+            reactor=MemoryReactorClock(), healthClient=FakeHealthClient(),
+        )
+        factory = balancer.tcpFactory()
+        balancer.startService()
+        self.addCleanup(balancer.stopService)
+        balancer.reloader = lambda: configOf(
+            ("default", "127.0.0.1:3001;127.0.0.1:3002"), mode="tcp"
+        )
+        balancer.reload()
+        self.assertEqual([b.address for b in factory.pool.backends],
+                         ["127.0.0.1:3001", "127.0.0.1:3002"])
+        old = balancer.defaultPool
+        balancer.reloader = lambda: configOf(
+            ("default", "127.0.0.1:3001;127.0.0.1:3002"), mode="tcp", rise=4,
+            strategy="ip-hash",
+        )
+        balancer.reload()
+        self.assertIsNot(balancer.defaultPool, old)
+        self.assertIs(factory.pool, balancer.defaultPool.pool)
+        self.assertTrue(factory.needsClientKey)

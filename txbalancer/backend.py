@@ -18,7 +18,12 @@ class Backend:
     @ivar spec: the L{txbalancer.config.BackendSpec} it was built from.
     @ivar active: requests in flight to it right now.
     @ivar requests: requests sent to it since start.
-    @ivar failures: connect failures and broken responses since start.
+    @ivar failures: connect failures and broken responses since start (in
+        TCP mode: failed connects and relays the backend reset).
+    @ivar connections: TCP-mode (and tunnel) connections relayed to it
+        since start; C{active} counts those open now.
+    @ivar bytesOut: bytes relayed to it (TCP mode and tunnels).
+    @ivar bytesIn: bytes relayed from it (TCP mode and tunnels).
     @ivar available: whether the chooser may pick it now (see the pool).
     @ivar state: its health: C{"up"}, C{"down"} or C{"draining"}.
     """
@@ -38,6 +43,10 @@ class Backend:
         "backup",
         "priority",
         "maxConns",
+        # -- tcp mode
+        "connections",
+        "bytesIn",
+        "bytesOut",
     )
 
     def __init__(self, spec: Any) -> None:
@@ -55,6 +64,10 @@ class Backend:
         self.backup: bool = spec.backup
         self.priority: int = spec.priority
         self.maxConns: int = spec.max_conns
+        # -- tcp mode
+        self.connections = 0
+        self.bytesIn = 0
+        self.bytesOut = 0
 
     def __repr__(self) -> str:
         return f"<Backend {self.scheme}://{self.address} weight={self.weight}>"
@@ -74,4 +87,7 @@ class Backend:
             "active": self.active,
             "requests": self.requests,
             "failures": self.failures,
+            "connections": self.connections,
+            "bytes_in": self.bytesIn,
+            "bytes_out": self.bytesOut,
         }

@@ -89,6 +89,7 @@ class PoolRuntime:
         healthClient: Any,
         accessLog: Any,
         cookieSecret: Optional[bytes],
+        tcp: bool = False,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -125,11 +126,23 @@ class PoolRuntime:
                 pool.outliers.returnEarly(backend)
 
         host = config.healthHost
-        self.checker = HealthChecker(
+        checkerClass: Any = HealthChecker
+        checkerOptions: dict[str, Any] = {}
+        if (tcp or config.proxyProtocol) and config.healthPath is None:
+            # -- tcp mode: a pool behind a TCP listener, or whose backends
+            # expect a PROXY header, is checked by TCP connect.
+            from txbalancer.tcpcheck import TCPConnectChecker as checkerClass
+
+            checkerOptions["proxyProtocol"] = config.proxyProtocol
+        # Whether the pool's checks may be TCP connects (then a health path
+        # given or taken away changes the kind of checker).
+        self.tcpChecks = bool(tcp or config.proxyProtocol)
+        self.checker = checkerClass(
             pool.backends,
             healthChanged,
             reactor,
-            path=config.healthPath,
+            **checkerOptions,
+            path=config.healthPath or "/",
             host=host.encode("idna") if host else None,
             interval=config.healthInterval,
             timeout=config.healthTimeout,
@@ -157,6 +170,7 @@ class PoolRuntime:
             connectTimeout=config.connectTimeout,
             maxIdlePerBackend=config.maxIdlePerBackend,
             idleTimeout=config.upstreamIdleTimeout,
+            proxyProtocol=config.proxyProtocol,
         )
         b = balancerConfig
         self.forwarder = Forwarder(
@@ -188,8 +202,23 @@ class PoolRuntime:
     # setting is applied in place by L{configure}.
     REBUILD = frozenset(
         ("rise", "fall", "noHealthChecks", "ejectAfter", "maxEjectedPercent",
-         "backendCa")
+         "backendCa", "proxyProtocol")
     )
+
+    def needsRebuild(self, config: PoolConfig, changed: Sequence[str]) -> bool:
+        """
+        Whether the pool must get a new runtime to take C{config}, whose
+        settings C{changed} differ: one of L{REBUILD}, or a health path
+        given or taken away where that switches between HTTP and TCP
+        checks.
+        """
+        if self.REBUILD.intersection(changed):
+            return True
+        return (
+            "healthPath" in changed
+            and self.tcpChecks
+            and (self.config.healthPath is None) != (config.healthPath is None)
+        )
 
     def configure(self, config: PoolConfig, balancerConfig: BalancerConfig) -> None:
         """
@@ -220,7 +249,7 @@ class PoolRuntime:
         upstreams.idleTimeout = config.upstreamIdleTimeout
         host = config.healthHost
         self.checker.configure(
-            path=config.healthPath,
+            path=config.healthPath or "/",
             host=host.encode("idna") if host else None,
             interval=config.healthInterval,
             timeout=config.healthTimeout,
@@ -558,6 +587,8 @@ class Balancer(MultiService):
         self.listeners: list[StreamServerEndpointService] = []
         self.serverTLS: list[Any] = []
         self._h2Factories: dict[int, Any] = {}
+        # (pool name, factory) of the TCP-mode listeners.
+        self._tcpFactories: list[tuple[str, Any]] = []
 
     def _runtime(self, poolConfig: PoolConfig, config: BalancerConfig) -> PoolRuntime:
         return PoolRuntime(
@@ -569,6 +600,7 @@ class Balancer(MultiService):
             healthClient=self._healthClient,
             accessLog=self.accessLog,
             cookieSecret=self._cookieSecret,
+            tcp=poolConfig.name in config.tcpPools(),
         )
 
     def _serving(self, config: BalancerConfig, pools: dict[str, PoolRuntime]) -> Any:
@@ -658,6 +690,47 @@ class Balancer(MultiService):
         self.factories.append(factory)
         return factory
 
+    def tcpFactory(
+        self, pool: Optional[str] = None, refuseProxyHeaders: bool = False
+    ) -> Any:
+        """
+        A protocol factory for a TCP-mode listener: each connection relayed
+        to one backend of C{pool} (the first pool by default).  Drained when
+        the balancer stops.
+        """
+        from txbalancer.tcpproxy import TCPProxyFactory
+
+        runtime = self.pools[pool] if pool is not None else self.defaultPool
+        factory = TCPProxyFactory(
+            runtime.pool,
+            self.reactor,
+            runtime.upstreams._endpointFor,
+            idleTimeout=self.config.tunnelIdleTimeout,
+            proxyProtocol=runtime.config.proxyProtocol,
+            refuseProxyHeaders=refuseProxyHeaders,
+            needsClientKey=runtime.config.strategy == "ip-hash",
+        )
+        self.factories.append(factory)
+        # A reload that gives this pool a new runtime (or strategy) tells
+        # the listener.
+        self._tcpFactories.append((runtime.name, factory))
+        return factory
+
+    def _followPools(self) -> None:
+        """
+        Point each TCP-mode listener at its pool's runtime now (after a
+        reload); a listener whose pool is gone keeps the old one.
+        """
+        for name, factory in self._tcpFactories:
+            runtime = self.pools.get(name)
+            if runtime is not None:
+                factory.usePool(
+                    runtime.pool,
+                    runtime.upstreams._endpointFor,
+                    proxyProtocol=runtime.config.proxyProtocol,
+                    needsClientKey=runtime.config.strategy == "ip-hash",
+                )
+
     def resource(self) -> Any:
         """
         A twisted.web C{IResource} that proxies every request below it: mount
@@ -697,11 +770,29 @@ class Balancer(MultiService):
                     f"({type(e).__name__}: {e}); give a port number or an "
                     "endpoint string such as tcp:8000:interface=127.0.0.1"
                 ) from None
-            factory = self.serverFactory(secure=listener.secure)
+            # -- tcp mode: the listener's mode and the PROXY headers it reads
+            acceptFrom = listener.acceptProxyProtocol
+            if acceptFrom is None:
+                acceptFrom = config.acceptProxyProtocol
+            if config.listenerMode(listener) == "tcp":
+                factory = self.tcpFactory(
+                    listener.pool, refuseProxyHeaders=bool(acceptFrom)
+                )
+            else:
+                factory = self.serverFactory(secure=listener.secure)
             if listener.secure:
                 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-                factory = TLSMemoryBIOFactory(serverTLS[listener.tls], False, factory)
+                tcp = config.listenerMode(listener) == "tcp"
+                factory = TLSMemoryBIOFactory(
+                    serverTLS[(listener.tls, tcp)], False, factory
+                )
+            if acceptFrom:
+                from txbalancer.acceptproxy import AcceptProxyFactory
+
+                factory = AcceptProxyFactory(
+                    factory, acceptFrom, self.reactor, timeout=config.clientTimeout
+                )
             self.listenOn(endpoint, factory)
 
     def listenOn(self, endpoint: Any, factory: Any) -> StreamServerEndpointService:
@@ -726,13 +817,16 @@ class Balancer(MultiService):
         alpn = (b"h2", b"http/1.1") if config.http2 else (b"http/1.1",)
         contexts: dict[Any, Any] = {}
         for listener in config.listeners:
-            if listener.secure and listener.tls not in contexts:
-                contexts[listener.tls] = ServerTLS(
+            # -- tcp mode: a TCP-mode TLS listener offers no ALPN protocol
+            tcp = config.listenerMode(listener) == "tcp"
+            key = (listener.tls, tcp)
+            if listener.secure and key not in contexts:
+                contexts[key] = ServerTLS(
                     [listener.tls],
                     certDir=config.tlsCertDir,
                     clientCA=config.tlsClientCa,
                     clientOptional=config.tlsClientOptional,
-                    alpn=alpn,
+                    alpn=() if tcp else alpn,
                 )
         self.serverTLS = list(contexts.values())
         return contexts
@@ -868,7 +962,9 @@ class Balancer(MultiService):
         # Build everything first: a failure here changes nothing.
         replaced: dict[str, PoolRuntime] = {}
         for change in diff.changed:
-            if PoolRuntime.REBUILD.intersection(change.settings):
+            if self.pools[change.name].needsRebuild(
+                new.pool(change.name), change.settings
+            ):
                 replaced[change.name] = self._runtime(new.pool(change.name), new)
         added = {p.name: self._runtime(p, new) for p in diff.added}
         pools: dict[str, PoolRuntime] = {}
@@ -910,6 +1006,7 @@ class Balancer(MultiService):
                     "balancer is restarted",
                     settings=", ".join(later),
                 )
+        self._followPools()
         for runtime in retired:
             self._retire(runtime)
         self._discoveryChanged(old)
@@ -936,7 +1033,9 @@ class Balancer(MultiService):
                  pool=runtime.name, n=runtime.inFlight)
 
         def check() -> None:
-            if runtime.inFlight:
+            # Idle: no request in flight, no connection (TCP-mode tunnels
+            # included) to any of its backends.
+            if runtime.inFlight or any(b.active for b in runtime.pool.backends):
                 return
             loop.stop()
 

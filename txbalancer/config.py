@@ -444,7 +444,7 @@ else:  # pragma: no cover - Python 3.9 and 3.10, and Debian's pypy3
     import tomli as _toml
 
 _TOP_KEYS = ("listen", "pool", "route", "balancer", "admin")
-_LISTEN_KEYS = ("endpoint", "tls")
+_LISTEN_KEYS = ("endpoint", "tls", "mode", "pool", "accept-proxy-protocol")
 _TLS_KEYS = ("cert", "key", "chain")
 _ROUTE_KEYS = ("host", "path", "pool", "strip_prefix")
 _POOL_KEYS = ("backends", "backends_file", "health")
@@ -860,7 +860,22 @@ class _Reader:
                 check_endpoint(stripped, "endpoint")
             except ConfigError as e:
                 raise self.error(e.message, at) from None
-        return ListenerConfig(stripped, tls=tls)
+        from txbalancer.settings import cidrs, mode
+
+        extra: dict[str, Any] = {}
+        for key, attribute, coerce, types, what in (
+            ("mode", "mode", mode, (str,), '"http" or "tcp"'),
+            ("pool", "pool", None, (str,), "a pool name"),
+            ("accept-proxy-protocol", "acceptProxyProtocol", cidrs, (str, list),
+             'networks: "10.0.0.0/8,127.0.0.1" or a list of strings'),
+        ):
+            if key in table:
+                raw = self.expect(table[key], types, what, where + (key,))
+                try:
+                    extra[attribute] = coerce(raw, key) if coerce else raw
+                except ConfigError as e:
+                    raise self.error(e.message, where + (key,)) from None
+        return ListenerConfig(stripped, tls=tls, **extra)
 
     def certificate(self, value: Any, where: tuple[Any, ...]) -> Any:
         from txbalancer.tls import CertSpec

@@ -95,6 +95,7 @@ class HTTPServerProtocol(Protocol):
         self._again = False
         self._clientCert: Any = False
         self.peer = ""
+        self.addresses: Any = None
         self.secure = False
 
     # -- connection life
@@ -104,6 +105,7 @@ class HTTPServerProtocol(Protocol):
         factory.connections.add(self)
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", "") or ""
+        self.addresses = (peer, self.transport.getHost())
         self.secure = factory.secure
         self._armTimeout()
 
@@ -265,6 +267,7 @@ class HTTPServerProtocol(Protocol):
     def _headReceived(self, request: Request) -> None:
         factory = self.factory
         request.peer = self.peer
+        request.addresses = self.addresses
         request.secure = self.secure
         if self.secure and factory.clientCertificates:
             # The handshake is over by the first request: read the

@@ -296,6 +296,7 @@ class H2ProxyConnection(H2Connection):
         self.resetWindow = resetWindow
         self._resets: deque[float] = deque()
         self.peer = ""
+        self.addresses: Any = None
         self.secure = True
         self._goingAway = False
         self._lost = False
@@ -311,6 +312,7 @@ class H2ProxyConnection(H2Connection):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", "") or ""
+        self.addresses = (peer, self.transport.getHost())
         self.factory.connections.add(self)
         # The connection is its transport's producer: when the client reads
         # slowly, Twisted's sending loop waits.
@@ -406,6 +408,7 @@ class H2ProxyConnection(H2Connection):
         request = Request()
         request.version = b"HTTP/2"
         request.peer = self.peer
+        request.addresses = self.addresses
         request.secure = self.secure
         request.received = self._reactor.seconds()
         authority = None

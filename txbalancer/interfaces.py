@@ -45,6 +45,10 @@ class IRequestHead(Interface):
     peer = Attribute("The client's address (the TCP peer), str.")
     secure = Attribute("Whether the request came over TLS.")
     received = Attribute("When the head was complete, in reactor seconds.")
+    addresses = Attribute(
+        "The client connection's (peer, host) IAddress pair (the PROXY "
+        "header sent upstream names them), or None."
+    )
 
 
 class IExchange(Interface):

@@ -184,6 +184,7 @@ class ProxyExchange:
         self._suspects: list[Backend] = []
         self.clientKey: Optional[str] = None
         self.cookieValue: Optional[str] = None
+        self.proxyHeader = b""  # -- tcp mode: the PROXY header, if sent
 
     # -- from the client side
 
@@ -200,6 +201,10 @@ class ProxyExchange:
         if forwarder.redirectHttps and not request.secure:
             self._redirectToHttps()
             return
+        if forwarder.upstreams.proxyProtocol:
+            self.proxyHeader = forwarder.upstreams.proxyHeaderFor(
+                getattr(request, "addresses", None)
+            )
         if forwarder.needsClientKey:
             self.clientKey = clientAddress(
                 request.headers, request.peer, forwarder.trustedProxies
@@ -210,7 +215,9 @@ class ProxyExchange:
                 backend = forwarder.pool.backendForCookie(self.cookieValue)
                 if backend is not None:
                     self.tried.add(backend)
-                    self._attempt(backend, forwarder.upstreams.takeIdle(backend))
+                    self._attempt(
+                        backend, forwarder.upstreams.takeIdle(backend, self.proxyHeader)
+                    )
                     return
         self._attempt(None)
 
@@ -281,7 +288,7 @@ class ProxyExchange:
                     )
                 return
             self.tried.add(backend)
-            conn = forwarder.upstreams.takeIdle(backend)
+            conn = forwarder.upstreams.takeIdle(backend, self.proxyHeader)
         else:
             backend = chosen
         self.backend = backend
@@ -291,7 +298,7 @@ class ProxyExchange:
             self._connected(conn)
             return
         self._connectStart = forwarder.reactor.seconds()
-        d = forwarder.upstreams.connect(backend)
+        d = forwarder.upstreams.connect(backend, self.proxyHeader)
         self._connecting = d
         d.addCallbacks(self._connected, self._connectFailed, errbackArgs=(backend,))
         d.addErrback(self._bug)

@@ -12,7 +12,7 @@ another never leaves the balancer.
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Any, Optional
 
 from zope.interface import implementer
 
@@ -82,6 +82,7 @@ class Request:
         "peer",
         "secure",
         "received",
+        "addresses",
     )
 
     def __init__(self) -> None:
@@ -100,6 +101,8 @@ class Request:
         self.peer = ""
         self.secure = False
         self.received = 0.0
+        # (peer, host) IAddress of the client connection (for PROXY headers)
+        self.addresses: Any = None
 
     @property
     def hasBody(self) -> bool:

@@ -250,6 +250,31 @@ def splitDnsServer(value: str, option: str = "--dns-server") -> tuple[str, int]:
     return host, port
 
 
+# -- tcp mode: coercers
+
+MODES = ("http", "tcp")
+PROXY_PROTOCOL_VERSIONS = ("off", "v1", "v2")
+
+
+def mode(value: Any, option: str) -> str:
+    if value not in MODES:
+        raise ConfigError(f"{option}: {value!r} is not a mode; choose http or tcp")
+    return value
+
+
+def proxyProtocolVersion(value: Any, option: str) -> Optional[str]:
+    """
+    C{"v1"} or C{"v2"}; C{"off"} (or L{None}, or false) is L{None}.
+    """
+    if value is None or value is False or value == "off":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value in (1, 2):
+        return f"v{value}"
+    if value not in PROXY_PROTOCOL_VERSIONS:
+        raise ConfigError(f"{option}: {value!r} is not one of off, v1, v2")
+    return value
+
+
 # -- the fields
 
 
@@ -337,10 +362,11 @@ class PoolConfig:
         "upstream-idle-timeout", 4.0, seconds,
         "Seconds before an idle backend connection is closed; keep it below "
         "the backends' own keep-alive timeout (Node: 5).")
-    healthPath: str = setting(
-        "health-path", "/", text,
+    healthPath: Optional[str] = setting(
+        "health-path", None, optionalText,
         "Active health check: GET this path on each backend; a status in "
-        "--health-status is healthy.")
+        "--health-status is healthy. [default: /; in TCP mode and with "
+        "--proxy-protocol, a TCP connect unless a path is given]")
     healthHost: Optional[str] = setting(
         "health-host", None, optionalText,
         "Host header of health checks. [default: the backend's host:port]")
@@ -377,6 +403,12 @@ class PoolConfig:
         "backend-ca", None, optionalText,
         "Verify https:// backends against the CA certificates in this PEM "
         "file instead of the system's trusted CAs.")
+    # -- tcp mode
+    proxyProtocol: Optional[str] = setting(
+        "proxy-protocol", None, proxyProtocolVersion,
+        "Send a PROXY protocol header (v1 or v2) first on each backend "
+        "connection: the client's address and port and the balancer's. "
+        "[default: off]")
 
 
 @dataclass(frozen=True)
@@ -389,10 +421,20 @@ class ListenerConfig:
     @ivar tls: a L{txbalancer.tls.CertSpec} when TLS is terminated here
         (the endpoint is then wrapped in the balancer's own TLS), or
         L{None}.
+    @ivar mode: C{"http"} or C{"tcp"}; L{None} means the balancer's
+        C{--mode}.
+    @ivar pool: in TCP mode, the name of the pool its connections go to;
+        L{None} means the first pool.
+    @ivar acceptProxyProtocol: the peers this listener reads a PROXY header
+        from; L{None} means the balancer's C{--accept-proxy-protocol}.
     """
 
     endpoint: str
     tls: Any = None
+    # -- tcp mode
+    mode: Optional[str] = None
+    pool: Optional[str] = None
+    acceptProxyProtocol: Optional[tuple[IPNetwork, ...]] = None
 
     @property
     def secure(self) -> bool:
@@ -489,11 +531,41 @@ class BalancerConfig:
     admin: Optional[str] = None
     adminToken: Optional[str] = None
     adminTokenFile: Optional[str] = None
+    # -- tcp mode
+    mode: str = setting(
+        "mode", "http", mode,
+        "http: an HTTP reverse proxy; tcp: relay bytes to one backend per "
+        "client connection (layer 4), untouched.")
+    acceptProxyProtocol: tuple[IPNetwork, ...] = setting(
+        "accept-proxy-protocol", (), cidrs,
+        "CIDR[,CIDR...]: peers (an NLB, HAProxy) that send a PROXY v1/v2 "
+        "header first; its address is then the client's. Others may not "
+        "send one. [default: none]")
+    tunnelIdleTimeout: float = setting(
+        "tunnel-idle-timeout", 3600.0, seconds,
+        "Seconds a TCP-mode (or WebSocket) tunnel may carry no byte either "
+        "way before both sides are closed.")
     # -- dns
     dnsServer: Optional[str] = setting(
         "dns-server", None, dnsServer,
         "HOST:PORT of the DNS server that srv: backends are looked up on "
         "(Consul: 127.0.0.1:8600). [default: the system's resolvers]")
+
+    def listenerMode(self, listener: ListenerConfig) -> str:
+        """
+        C{listener}'s mode: its own, or the balancer's.
+        """
+        return listener.mode or self.mode
+
+    def tcpPools(self) -> frozenset[str]:
+        """
+        The names of the pools that a TCP-mode listener sends to.
+        """
+        names = set()
+        for listener in self.listeners:
+            if self.listenerMode(listener) == "tcp" and self.pools:
+                names.add(listener.pool or self.pools[0].name)
+        return frozenset(names)
 
     def pool(self, name: str) -> PoolConfig:
         for pool in self.pools:
@@ -621,6 +693,24 @@ def check(config: BalancerConfig) -> None:
             raise ConfigError(f"pool {pool.name!r} is defined twice")
         if not pool.backends and not pool.source.startswith("srv:"):
             raise ConfigError(f"pool {pool.name!r} has no backends")
+    # -- tcp mode
+    for listener in config.listeners:
+        if listener.mode is not None and listener.mode not in MODES:
+            raise ConfigError(
+                f"listener {listener.endpoint!r}: mode {listener.mode!r} is not "
+                "http or tcp"
+            )
+        if listener.pool is not None and listener.pool not in names:
+            raise ConfigError(
+                f"listener {listener.endpoint!r}: undefined pool {listener.pool!r}"
+                + didYouMean(listener.pool, names)
+            )
+    for pool in config.pools:
+        if pool.proxyProtocol and any(b.scheme == "https" for b in pool.backends):
+            raise ConfigError(
+                f"pool {pool.name!r}: --proxy-protocol with https:// backends is "
+                "not supported (the header would have to precede TLS)"
+            )
     for route in config.routes:
         if route.pool not in names:
             raise ConfigError(
@@ -649,6 +739,8 @@ _TOML_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {
     strategy: ((str,), "a strategy name (a string)"),
     cookieName: ((str,), "a cookie name (a string)"),
     cidrs: ((str, list), 'networks: "10.0.0.0/8,127.0.0.1" or a list of strings'),
+    mode: ((str,), '"http" or "tcp"'),
+    proxyProtocolVersion: ((str, int, bool), '"off", "v1" or "v2"'),
     size: ((int, str), 'a size in bytes: a number, or a string like "10M"'),
     hstsSeconds: ((int,), "a whole number of seconds"),
     dnsServer: ((str,), 'HOST:PORT of a DNS server (a string like "127.0.0.1:8600")'),

@@ -69,6 +69,7 @@ class UpstreamConnection(Protocol):
         self.exchange: Any = None
         self.reused = False
         self.idleSince = 0.0
+        self.proxyHeader = b""  # -- tcp mode: the PROXY header it was opened with
         self.responseStarted = False
         self.connected = False
         self._buffer = b""
@@ -374,6 +375,12 @@ def loadTrustRoot(path: str) -> Any:
     return trustRootFromCertificates(certificates)
 
 
+def _sendProxyHeader(conn: UpstreamConnection, header: bytes) -> UpstreamConnection:
+    conn.proxyHeader = header
+    conn.transport.write(header)
+    return conn
+
+
 class UpstreamPool:
     """
     Kept-alive connections to backends, and new ones on demand.
@@ -386,6 +393,11 @@ class UpstreamPool:
 
     @param maxIdlePerBackend: idle connections kept per backend; more are
         closed as they come free.
+    @param proxyProtocol: C{"v1"} or C{"v2"}: each new connection starts
+        with a PROXY header naming the client it is opened for, and is
+        reused only for requests that would send the very same header, that
+        is from the same client connection (same address and port): the
+        idle connections are in effect keyed by client connection.
     """
 
     def __init__(
@@ -395,8 +407,10 @@ class UpstreamPool:
         maxIdlePerBackend: int = 64,
         idleTimeout: float = 4.0,
         tlsOptionsFor: Any = None,
+        proxyProtocol: Optional[str] = None,
     ) -> None:
         self.reactor = reactor
+        self.proxyProtocol = proxyProtocol
         self.connectTimeout = connectTimeout
         self.maxIdlePerBackend = maxIdlePerBackend
         self.idleTimeout = idleTimeout
@@ -420,27 +434,55 @@ class UpstreamPool:
     def idleCount(self, backend: Backend) -> int:
         return len(self._idle.get(backend, ()))
 
-    def takeIdle(self, backend: Backend) -> Optional[UpstreamConnection]:
+    def takeIdle(
+        self, backend: Backend, proxyHeader: bytes = b""
+    ) -> Optional[UpstreamConnection]:
         """
-        A kept-alive connection to C{backend}, or L{None} if there is none.
+        A kept-alive connection to C{backend} (opened with C{proxyHeader}),
+        or L{None} if there is none.
         """
         idle = self._idle.get(backend)
         if idle:
+            if proxyHeader:
+                # -- tcp mode: only a connection opened for this client.
+                for i in range(len(idle) - 1, -1, -1):
+                    if idle[i].proxyHeader == proxyHeader:
+                        conn = idle.pop(i)
+                        conn.reused = True
+                        return conn
+                return None
             conn = idle.pop()
             conn.reused = True
             return conn
         return None
 
-    def connect(self, backend: Backend) -> "defer.Deferred[UpstreamConnection]":
+    def proxyHeaderFor(self, addresses: Any) -> bytes:
         """
-        A new connection to C{backend}; fails with the connect error, or
+        The PROXY header for a client connection's C{(peer, host)}
+        addresses, or C{b""} when the pool sends none.
+        """
+        if not self.proxyProtocol or addresses is None:
+            return b""
+        from txbalancer.proxyprotocol import encode
+
+        return encode(self.proxyProtocol, addresses[0], addresses[1])
+
+    def connect(
+        self, backend: Backend, proxyHeader: bytes = b""
+    ) -> "defer.Deferred[UpstreamConnection]":
+        """
+        A new connection to C{backend} (its first bytes C{proxyHeader});
+        fails with the connect error, or
         L{twisted.internet.error.TimeoutError} after C{connectTimeout}.
         """
         endpoint = self._endpoints.get(backend)
         if endpoint is None:
             endpoint = self._endpoints[backend] = self._endpointFor(backend)
             self._factories[backend] = _ConnectionFactory(self, backend)
-        return endpoint.connect(self._factories[backend])
+        d = endpoint.connect(self._factories[backend])
+        if proxyHeader:
+            d.addCallback(_sendProxyHeader, proxyHeader)
+        return d
 
     def _endpointFor(self, backend: Backend) -> Any:
         host, port, timeout = backend.host, backend.port, self.connectTimeout
