@@ -16,6 +16,7 @@ import pytest
 
 from .httpraw import RawClient, get
 from .support import MARGIN, port_of, wait_for, write_backends
+from .test_tcpmode_live import connect, read_line, tcpbackend  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -171,3 +172,22 @@ def test_stream_in_flight_survives_reloads(backend, balancer):
     assert resp.status == 200, resp
     assert resp.text.count("chunk ") == 12, resp.text
     assert port_of(get(lb.port, "/after")) == other.port
+
+
+
+def test_tcp_tunnel_survives_reload(tcpbackend, balancer):
+    """In TCP mode, an open tunnel keeps relaying while a SIGHUP removes its backend; new connections go to the new one, and the removal completes when the tunnel closes."""
+    a = tcpbackend("--banner", "{port}")
+    b = tcpbackend("--banner", "{port}")
+    lb = balancer([a], "--mode", "tcp", "--no-health-checks")
+    with connect(lb.port) as tunnel:
+        assert read_line(tunnel) == f"{a.port}\n".encode()
+        write_backends(lb.backends_file, [b])
+        sighup(lb)
+        lb.wait_for_log("reload applied", 10 * MARGIN)
+        assert lb.log_count(f"removing backend {a.address} (1 requests in flight)") == 1
+        with connect(lb.port) as fresh:
+            assert read_line(fresh) == f"{b.port}\n".encode()
+        tunnel.sendall(b"still here\n")
+        assert read_line(tunnel) == b"still here\n"
+    lb.wait_for_log(f"backend {a.address} removed", 10 * MARGIN)
