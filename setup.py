@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(exclude=["tests*", "bench*"]) + ["twisted.plugins"],
     package_data={
-        "twisted": ["plugins/txbalancer_plugin.py", "plugins/txbalancer_endpoints.py"]
+        "twisted": ["plugins/txbalancer_plugin.py", "plugins/txbalancer_endpoints.py"],
+        "txbalancer.admin": ["dashboard.html"],
     },
     install_requires=[
         "twisted>=23.10",
@@ -36,6 +37,7 @@ setup(
             "pytest-twisted>=1.14",
             "hypothesis>=6",
             "docutils",
+            "playwright>=1.40",
         ],
     },
     classifiers=[

@@ -907,7 +907,10 @@ def _everyKey() -> list[str]:
     from txbalancer.config import FILE_KEYS
     from txbalancer.settings import commandLineSettings
 
-    keys = [s.option for s in commandLineSettings()]
+    # The admin server's settings are spelt endpoint, token and token-file
+    # in the file's [admin] table.
+    admin = {"admin", "admin-token", "admin-token-file"}
+    keys = [s.option for s in commandLineSettings() if s.option not in admin]
     for table in FILE_KEYS.values():
         keys.extend(table)
     return keys

@@ -23,6 +23,9 @@ OPTIONS = {
     "backend-timeout": "60",
     "client-timeout": "60",
     "access-log": None,
+    "admin": None,
+    "admin-token": None,
+    "admin-token-file": None,
 }
 
 
@@ -147,3 +150,17 @@ def test_rst_is_valid(name):
         )
     except docutils.utils.SystemMessage as e:
         pytest.fail(f"{name}: {str(e).splitlines()[0]}")
+
+
+def test_dashboard_page_installed(tmp_path):
+    """The installed package ships the dashboard page (package data)."""
+    env = {k: v for (k, v) in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c",
+         "import txbalancer.admin.dashboard as d; print(d.__file__); print(len(d.page()))"],
+        check=False, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    where, size = done.stdout.split()
+    assert not where.startswith(str(ROOT) + os.sep + "txbalancer"), where
+    assert int(size) > 5000

@@ -361,11 +361,11 @@ class MakeServiceTests(SynchronousTestCase):
 
 class PureImportTests(SynchronousTestCase):
     def test_pure_modules_leave_reactor_alone(self) -> None:
-        """Importing config, backend, choosers, headers and routing does not import the reactor."""
+        """Importing the pure modules (config, settings, request, framing, backend, choosers, headers, routing) does not import the reactor."""
         code = (
             "import sys\n"
             "import txbalancer.config, txbalancer.backend, txbalancer.choosers, txbalancer.headers\n"
-            "import txbalancer.routing\n"
+            "import txbalancer.routing, txbalancer.settings, txbalancer.request, txbalancer.framing\n"
             "bad = [m for m in sys.modules if m == 'twisted.internet.reactor']\n"
             "print(bad)\n"
             "sys.exit(1 if bad else 0)\n"

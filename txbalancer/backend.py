@@ -8,7 +8,9 @@ updates their live state as requests come and go.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
+
+from txbalancer.stats import ResponseStats
 
 
 class Backend:
@@ -26,6 +28,13 @@ class Backend:
     @ivar bytesIn: bytes relayed from it (TCP mode and tunnels).
     @ivar available: whether the chooser may pick it now (see the pool).
     @ivar state: its health: C{"up"}, C{"down"} or C{"draining"}.
+    @ivar disabled: the operator took it out (admin API): no traffic,
+        whatever its health; L{reported} then says C{"disabled"}.
+    @ivar stateSince: when its reported state last changed (the pool's
+        clock), or L{None} without a clock.
+    @ivar ejections: how many times passive outlier detection ejected it.
+    @ivar ejectedUntil: when its last ejection ends (or ended).
+    @ivar stats: its L{ResponseStats}: responses by class, latencies.
     """
 
     __slots__ = (
@@ -47,6 +56,11 @@ class Backend:
         "connections",
         "bytesIn",
         "bytesOut",
+        "disabled",
+        "stateSince",
+        "ejections",
+        "ejectedUntil",
+        "stats",
     )
 
     def __init__(self, spec: Any) -> None:
@@ -68,9 +82,22 @@ class Backend:
         self.connections = 0
         self.bytesIn = 0
         self.bytesOut = 0
+        self.disabled = False
+        self.stateSince: Optional[float] = None
+        self.ejections = 0
+        self.ejectedUntil: Optional[float] = None
+        self.stats = ResponseStats()
 
     def __repr__(self) -> str:
         return f"<Backend {self.scheme}://{self.address} weight={self.weight}>"
+
+    @property
+    def reported(self) -> str:
+        """
+        The state shown to people: C{"disabled"} when the operator took it
+        out, else its health state.
+        """
+        return "disabled" if self.disabled else self.state
 
     def status(self) -> dict[str, Any]:
         """
@@ -81,7 +108,7 @@ class Backend:
             "scheme": self.scheme,
             "weight": self.weight,
             "available": self.available,
-            "state": self.state,
+            "state": self.reported,
             "backup": self.backup,
             "priority": self.priority,
             "active": self.active,

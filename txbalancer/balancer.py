@@ -157,8 +157,14 @@ class PoolRuntime:
         pool.checker = self.checker
         self.outliers = None
         if config.ejectAfter:
+
+            def ejected(backend: Any, seconds: float, reason: str) -> None:
+                backend.ejections += 1
+                backend.ejectedUntil = reactor.seconds() + seconds
+                self.checker.eject(backend, seconds, reason)
+
             self.outliers = pool.outliers = OutlierDetector(
-                self.checker.eject,
+                ejected,
                 self.checker.ejectionEnded,
                 reactor,
                 ejectAfter=config.ejectAfter,
@@ -337,6 +343,17 @@ class PoolRuntime:
                      address=backend.address)
 
         return d.addCallback(gone)
+
+    def clearOperatorChanges(self) -> None:
+        """
+        Undo every drain and disable of the admin API (a reload: run-time
+        changes last until then).  A backend draining because its own
+        health check asked for it stays draining.
+        """
+        for backend in self.pool.backends:
+            self.pool.enable(backend)
+            if backend in self.checker:
+                self.checker.undrain(backend)
 
     def start(self) -> None:
         self.pool.startService()
@@ -585,6 +602,10 @@ class Balancer(MultiService):
         self._dispatch = _Dispatch(self._serving(config, self.pools))
         self.factories: list[Any] = []
         self.listeners: list[StreamServerEndpointService] = []
+        # (endpoint string, protocol factory) of each client listener, for
+        # the admin server's connection counts.
+        self.listening: list[tuple[str, Any]] = []
+        self.admin: Optional[StreamServerEndpointService] = None
         self.serverTLS: list[Any] = []
         self._h2Factories: dict[int, Any] = {}
         # (pool name, factory) of the TCP-mode listeners.
@@ -780,6 +801,7 @@ class Balancer(MultiService):
                 )
             else:
                 factory = self.serverFactory(secure=listener.secure)
+            self.listening.append((listener.endpoint, factory))
             if listener.secure:
                 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -794,6 +816,52 @@ class Balancer(MultiService):
                     factory, acceptFrom, self.reactor, timeout=config.clientTimeout
                 )
             self.listenOn(endpoint, factory)
+        if config.admin:
+            self.listenAdmin()
+
+    def adminResource(self, token: Optional[str] = None) -> Any:
+        """
+        The admin server as a twisted.web C{IResource}: the dashboard, C{/status},
+        C{/metrics} and the runtime API (see L{txbalancer.admin}).  With
+        C{token}, every request must carry C{Authorization: Bearer TOKEN}.
+        """
+        from txbalancer.admin import AdminResource
+
+        return AdminResource(self, token=token)
+
+    def listenAdmin(self) -> StreamServerEndpointService:
+        """
+        Serve the admin server on C{config.admin} as a child service.  It is
+        not drained like a client listener: a graceful stop keeps it up
+        while requests in flight finish, and stops it last.
+
+        @raise ConfigError: when the endpoint is not loopback-only and no
+            token is set, or the token file cannot be read.
+        """
+        from twisted.internet.endpoints import serverFromString
+        from twisted.web.server import Site
+
+        from txbalancer.admin import AdminSite, adminToken, checkExposure
+
+        config = self.config
+        token = adminToken(config)
+        try:
+            endpoint = serverFromString(self.reactor, config.admin)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(
+                f"--admin: cannot listen on {config.admin!r}: {e} (expected a "
+                "Twisted endpoint such as tcp:9000:interface=127.0.0.1)"
+            ) from None
+        if token is None:
+            checkExposure(config.admin, endpoint)
+        site: Site = AdminSite(self.adminResource(token=token))
+        service = StreamServerEndpointService(endpoint, site)
+        service._raiseSynchronously = True
+        service.setServiceParent(self)
+        self.admin = service
+        log.info("admin server on {endpoint}{auth}", endpoint=config.admin,
+                 auth=" (token required)" if token else "")
+        return service
 
     def listenOn(self, endpoint: Any, factory: Any) -> StreamServerEndpointService:
         """
@@ -883,6 +951,8 @@ class Balancer(MultiService):
         config file, every backends file; see C{reloader}) and apply the
         difference in place (L{apply}); reload the TLS certificates and
         keys (new handshakes use the new ones, open connections go on).
+        Run-time changes last until then: backends the admin API added or
+        removed are undone by the diff, its drains and disables here.
 
         @return: the L{txbalancer.diff.ConfigDiff} applied.
         @raise ConfigError: when a file is broken: nothing changed, and the
@@ -904,10 +974,13 @@ class Balancer(MultiService):
             log.error("reload failed, nothing changed: {error}", error=str(e))
             raise
         try:
-            return self.apply(new)
+            diff = self.apply(new)
         except ConfigError as e:
             log.error("reload failed, nothing changed: {error}", error=str(e))
             raise
+        for runtime in self.pools.values():
+            runtime.clearOperatorChanges()
+        return diff
 
     def apply(self, new: BalancerConfig) -> Any:
         """

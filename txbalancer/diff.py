@@ -123,6 +123,29 @@ class ConfigDiff:
             self.added or self.removed or self.changed or self.routes or self.settings
         )
 
+    def summary(self) -> dict[str, Any]:
+        """
+        What changed, as plain data (the answer of C{POST /reload}): pool
+        names added and removed, per changed pool the addresses added,
+        removed and changed and the settings that changed, whether the
+        routes changed, and the balancer settings that changed.
+        """
+        return {
+            "pools_added": [p.name for p in self.added],
+            "pools_removed": [p.name for p in self.removed],
+            "pools_changed": {
+                change.name: {
+                    "added": [s.address for s in change.backends.added],
+                    "removed": [s.address for s in change.backends.removed],
+                    "changed": [new.address for _, new in change.backends.changed],
+                    "settings": list(change.settings),
+                }
+                for change in self.changed
+            },
+            "routes_changed": self.routes,
+            "settings_changed": list(self.settings),
+        }
+
     def pool(self, name: str) -> Optional[PoolDiff]:
         """
         The L{PoolDiff} of the pool called C{name}, or L{None} when it did

@@ -68,6 +68,8 @@ class BackendPool(Service):
         self.panic = False
         self.waiting: deque[Any] = deque()
         self.leaving: dict[Backend, Any] = {}
+        for backend in self.backends:
+            self._stamp(backend)
         self._limited = any(b.maxConns for b in self.backends)
         self._secret = cookieSecret if cookieSecret is not None else os.urandom(32)
         self._byCookie = {self.cookieFor(b): b for b in self.backends}
@@ -76,16 +78,16 @@ class BackendPool(Service):
         self._refresh()
 
     def _refresh(self) -> None:
-        levels = sorted({b.priority for b in self.backends})
-        primaries = [b for b in self.backends if levels and b.priority == levels[0]]
+        # A disabled backend is out of the pool, for panic mode too.
+        enabled = [b for b in self.backends if not b.disabled]
+        levels = sorted({b.priority for b in enabled})
+        primaries = [b for b in enabled if b.priority == levels[0]] if levels else []
         up = [b for b in primaries if b.state == "up"]
         available = up
         for level in levels[1:]:
             if available:
                 break
-            available = [
-                b for b in self.backends if b.priority == level and b.state == "up"
-            ]
+            available = [b for b in enabled if b.priority == level and b.state == "up"]
         panic = bool(
             self.panicThreshold
             and primaries
@@ -128,11 +130,41 @@ class BackendPool(Service):
         """
         if backend.state != state:
             backend.state = state
+            self._stamp(backend)
             if state == "up":
                 self._startRamp(backend)
             self._refresh()
             if state == "up":
                 self._wakeWaiters()
+
+    def _stamp(self, backend: Backend) -> None:
+        if self.clock is not None:
+            backend.stateSince = self.clock.seconds()
+
+    # -- the operator: disable and enable (drain is a health state, see
+    # txbalancer.health)
+
+    def disable(self, backend: Backend) -> None:
+        """
+        Take C{backend} out of the pool until L{enable}: no new requests
+        (sticky ones included), whatever its health; requests in flight
+        finish.  Its health checks go on, so L{enable} puts it back in the
+        state they found.
+        """
+        if not backend.disabled:
+            backend.disabled = True
+            self._stamp(backend)
+            self._refresh()
+
+    def enable(self, backend: Backend) -> None:
+        """
+        Undo L{disable}.
+        """
+        if backend.disabled:
+            backend.disabled = False
+            self._stamp(backend)
+            self._refresh()
+            self._wakeWaiters()
 
     # -- changing the set of backends while requests flow
 
@@ -142,6 +174,7 @@ class BackendPool(Service):
         up; its health checks, wired by the balancer, take it down if not).
         """
         backend = Backend(spec)
+        self._stamp(backend)
         self.backends.append(backend)
         self._byCookie[self.cookieFor(backend)] = backend
         self._limited = any(b.maxConns for b in self.backends)

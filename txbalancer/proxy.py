@@ -58,6 +58,10 @@ class Forwarder:
     @param trustedProxies: networks whose X-Forwarded-For is believed.
     @param backendTimeout: seconds to wait for a response head.
     @param accessLog: an L{txbalancer.accesslog.AccessLog}, or L{None}.
+
+    @ivar inFlight: requests started and not yet finished.
+    @ivar retries: attempts after a request's first (another backend, or a
+        fresh connection to the same one).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class Forwarder:
         self.backendTimeout = backendTimeout
         self.accessLog = accessLog
         self.inFlight = 0
+        self.retries = 0
         self._trustCache: dict[str, bool] = {}
 
     def __call__(self, request: Any, server: Any) -> "ProxyExchange":
@@ -270,6 +275,8 @@ class ProxyExchange:
         or to the backend the pool picks.
         """
         forwarder = self.forwarder
+        if self.backend is not None:
+            forwarder.retries += 1
         if chosen is None:
             pool = forwarder.pool
             backend = pool.choose(self.request, self.tried, self.clientKey)
@@ -480,8 +487,10 @@ class ProxyExchange:
             suspects, self._suspects = self._suspects, []
             for suspect in suspects:
                 self._strike(suspect)
-        self.firstByteTime = forwarder.reactor.seconds() - self._sentAt
+        now = forwarder.reactor.seconds()
+        self.firstByteTime = now - self._sentAt
         pool.observe(backend, self.firstByteTime)
+        backend.stats.record(status, self.firstByteTime, now)
         headers = endToEnd(headers)
         if forwarder.hsts is not None and self.request.secure:
             headers = [h for h in headers if h[0].lower() != b"strict-transport-security"]

@@ -567,6 +567,23 @@ class BalancerConfig:
                 names.add(listener.pool or self.pools[0].name)
         return frozenset(names)
 
+    # -- admin
+    admin: Optional[str] = setting(
+        "admin", None, optionalText,
+        "Serve the admin server (dashboard at /, /status JSON, /metrics for "
+        "Prometheus, the runtime API) on this Twisted endpoint, e.g. "
+        "tcp:9000:interface=127.0.0.1. Without a token it must be loopback "
+        "or a unix socket. [default: off]")
+    adminToken: Optional[str] = setting(
+        "admin-token", None, optionalText,
+        "Every admin request must carry Authorization: Bearer TOKEN (else "
+        "401). Prefer --admin-token-file: a command line is visible to every "
+        "user of the machine.")
+    adminTokenFile: Optional[str] = setting(
+        "admin-token-file", None, optionalText,
+        "Read the admin token from this file (surrounding whitespace is "
+        "ignored).")
+
     def pool(self, name: str) -> PoolConfig:
         for pool in self.pools:
             if pool.name == name:
@@ -685,6 +702,10 @@ def check(config: BalancerConfig) -> None:
             "--tls-cert-dir and --tls-client-ca need a TLS listener "
             "(--tls, --port ssl:... or --port txbtls:...)"
         )
+    if config.adminToken and config.adminTokenFile:
+        raise ConfigError("give --admin-token or --admin-token-file, not both")
+    if (config.adminToken or config.adminTokenFile) and not config.admin:
+        raise ConfigError("--admin-token and --admin-token-file need --admin ENDPOINT")
     if not config.pools:
         raise ConfigError("no pool of backends (give --backends FILE)")
     names = [pool.name for pool in config.pools]

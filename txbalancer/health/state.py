@@ -31,7 +31,7 @@ Pure: no reactor, no I/O (a clock comes in as C{seconds}).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from automat import TypeMachineBuilder
@@ -97,13 +97,19 @@ class _HealthCore:
     lastCheck: float | None = None
     lastError: str | None = None
     transitions: int = 0
+    lastResult: str | None = None
+    results: dict[str, int] = field(
+        default_factory=lambda: {"pass": 0, "fail": 0, "draining": 0}
+    )
 
-    def _checked(self) -> None:
+    def _checked(self, result: str) -> None:
         if self.seconds is not None:
             self.lastCheck = self.seconds()
+        self.lastResult = result
+        self.results[result] += 1
 
     def passed(self) -> int:
-        self._checked()
+        self._checked("pass")
         self.passes += 1
         self.failures = 0
         if self.passes >= self.rise:
@@ -111,7 +117,7 @@ class _HealthCore:
         return self.passes
 
     def failed(self, reason: str) -> int:
-        self._checked()
+        self._checked("fail")
         self.failures += 1
         self.passes = 0
         self.lastError = reason
@@ -120,7 +126,7 @@ class _HealthCore:
         return self.failures
 
     def drainingAnswer(self, reason: str) -> None:
-        self._checked()
+        self._checked("draining")
         self.passes = 0
         self.failures = 0
         self.lastError = reason
@@ -356,7 +362,9 @@ class BackendHealth:
             "consecutivePasses": c.passes,
             "consecutiveFailures": c.failures,
             "lastCheck": c.lastCheck,
+            "lastResult": c.lastResult,
             "lastError": c.lastError,
+            "results": dict(c.results),
             "transitions": c.transitions,
             "rise": c.rise,
             "fall": c.fall,
