@@ -6,6 +6,7 @@ an h2 client state machine on the other side.  No sockets, no real time.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import h2.events
 import h2.exceptions
 import pytest
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 
 from txbalancer.downstream import HTTPServerProtocol
 from txbalancer.h2 import H2ProxyConnection, NegotiatingFactory
@@ -33,17 +35,33 @@ class H2Client:
     L{FakeTransport}.
     """
 
-    def __init__(self, balancer: InMemoryBalancer, **kw) -> None:
+    def __init__(
+        self,
+        balancer: InMemoryBalancer,
+        lenient: bool = False,
+        serverValidates: bool = True,
+        **kw,
+    ) -> None:
+        """
+        @param lenient: the client sends header blocks as given, unchecked
+            and unnormalised (to send malformed requests).
+        @param serverValidates: whether the server's h2 state machine
+            checks inbound headers itself (Twisted's default), or leaves
+            every check to the balancer.
+        """
         self.balancer = balancer
         self.reactor = balancer.reactor
         self.server = H2ProxyConnection(balancer.factory, balancer.reactor, **kw)
+        self.server.conn.config.validate_inbound_headers = serverValidates
         self.transport = FakeTransport()
         self.transport.protocol = self.server
         balancer._transports.append(self.transport)
         self.server.makeConnection(self.transport)
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        if lenient:
+            config.validate_outbound_headers = False
+            config.normalize_outbound_headers = False
+        self.conn = h2.connection.H2Connection(config)
         self.conn.initiate_connection()
         self.events: list = []
         self.flush()
@@ -88,6 +106,42 @@ class H2Client:
         self.flush()
         return sid
 
+    def send(self, headers, body=None, end=True, trailers=None):
+        """
+        Open a stream with exactly C{headers} (pseudo-headers included),
+        then the body in one DATA frame and trailers, if given.
+        """
+        sid = self.conn.get_next_available_stream_id()
+        last = body is None and trailers is None
+        self.conn.send_headers(sid, headers, end_stream=end and last)
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=end and trailers is None)
+        if trailers is not None:
+            self.conn.send_headers(sid, trailers, end_stream=end)
+        self.flush()
+        return sid
+
+    def goaway(self):
+        """
+        The error code of the GOAWAY the server sent, or L{None}.
+        """
+        ended = [e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)]
+        return ended[0].error_code if ended else None
+
+    def status(self, sid):
+        """
+        The response status on stream C{sid} as an int, or L{None}.
+        """
+        responses = self.of(sid, h2.events.ResponseReceived)
+        return int(dict(responses[0].headers)[b":status"]) if responses else None
+
+    def reset(self, sid):
+        """
+        The error code the server reset stream C{sid} with, or L{None}.
+        """
+        resets = self.of(sid, h2.events.StreamReset)
+        return resets[0].error_code if resets else None
+
     def of(self, sid, kind):
         return [e for e in self.events if isinstance(e, kind)
                 and getattr(e, "stream_id", sid) == sid]
@@ -97,6 +151,40 @@ class H2Client:
         body = b"".join(e.data for e in self.of(sid, h2.events.DataReceived))
         ended = bool(self.of(sid, h2.events.StreamEnded))
         return headers, body, ended
+
+
+def request(path=b"/", method=b"GET", authority=AUTHORITY, scheme=b"https"):
+    """
+    The pseudo-header fields of a request, in the usual order.
+    """
+    return [(b":method", method), (b":scheme", scheme), (b":authority", authority),
+            (b":path", path)]
+
+
+class LogWatch:
+    """
+    Collects what is logged while it is installed; L{failures} lists the
+    events at level error or critical and those with a traceback.
+    """
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def __enter__(self) -> "LogWatch":
+        globalLogPublisher.addObserver(self.events.append)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Unhandled errors in Deferreds are logged when they are collected.
+        gc.collect()
+        globalLogPublisher.removeObserver(self.events.append)
+
+    def failures(self) -> list:
+        return [
+            e for e in self.events
+            if e.get("log_failure") is not None
+            or e.get("log_level") in (LogLevel.error, LogLevel.critical)
+        ]
 
 
 @pytest.fixture

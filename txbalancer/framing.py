@@ -168,3 +168,30 @@ class ChunkedDecoder:
                 return buf
         self._pending = buf
         return None
+
+
+# -- request fields for a front end without a request line (HTTP/2): the
+# characters the HTTP/1.1 parser allows in the same places.
+
+# A request target: no CTL, no space (the HTTP/1.1 request line's rule).
+BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+# An authority (Host, :authority): no CTL, no space, no userinfo (RFC 9113
+# 8.3.1 forbids userinfo in :authority for http and https).
+BAD_AUTHORITY = re.compile(rb"[\x00-\x20\x7f@]")
+# A URI scheme (RFC 3986 3.1).
+SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*\Z")
+
+
+def fieldError(name: bytes, value: bytes) -> Optional[str]:
+    """
+    What is wrong with one header field as a client sent it, by the rules
+    every front end applies alike: the name a token, the value free of
+    control characters other than HTAB (so no CR, LF or NUL).
+
+    @return: the reason, or L{None} when the field is acceptable.
+    """
+    if not TOKEN.match(name):
+        return "malformed header name"
+    if BAD_VALUE.search(value):
+        return "invalid character in header value"
+    return None
