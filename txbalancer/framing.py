@@ -182,16 +182,25 @@ BAD_AUTHORITY = re.compile(rb"[\x00-\x20\x7f@]")
 SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*\Z")
 
 
+# Framing field names spelled with "_" for "-": servers that map names to
+# CGI-style variables (HTTP_TRANSFER_ENCODING) read them as the real thing,
+# so they are refused rather than passed on.
+FRAMING_LOOKALIKES = frozenset([b"content_length", b"transfer_encoding"])
+
+
 def fieldError(name: bytes, value: bytes) -> Optional[str]:
     """
     What is wrong with one header field as a client sent it, by the rules
-    every front end applies alike: the name a token, the value free of
-    control characters other than HTAB (so no CR, LF or NUL).
+    every front end applies alike: the name a token and not a framing
+    field's look-alike, the value free of control characters other than
+    HTAB (so no CR, LF or NUL).
 
     @return: the reason, or L{None} when the field is acceptable.
     """
     if not TOKEN.match(name):
         return "malformed header name"
+    if name.lower() in FRAMING_LOOKALIKES:
+        return "framing header name with '_' for '-'"
     if BAD_VALUE.search(value):
         return "invalid character in header value"
     return None
