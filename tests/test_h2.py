@@ -176,16 +176,21 @@ class LogWatch:
     events at level error or critical and those with a traceback.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, collect: bool = True) -> None:
+        """
+        @param collect: run the garbage collector on the way out, so that
+            unhandled errors in Deferreds (logged when collected) count.
+        """
         self.events: list = []
+        self.collect = collect
 
     def __enter__(self) -> "LogWatch":
         globalLogPublisher.addObserver(self.events.append)
         return self
 
     def __exit__(self, *exc) -> None:
-        # Unhandled errors in Deferreds are logged when they are collected.
-        gc.collect()
+        if self.collect:
+            gc.collect()
         globalLogPublisher.removeObserver(self.events.append)
 
     def failures(self) -> list:

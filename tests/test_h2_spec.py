@@ -314,3 +314,18 @@ def test_streamEndsWithoutTheBody(balancer, trailers):
     assert client.status(sid) == 400
     assert b"content-length" in client.response(sid)[1]
     assert client.goaway() is None
+
+
+def test_emptyDataFrames(balancer):
+    """Empty DATA frames (legal, h2spec 6.1) add nothing to a body sent on
+    chunked: they do not become the empty chunk that would end it early and
+    leave the rest as a bogus next request on the backend connection."""
+    client = H2Client(balancer)
+    sid = client.request(b"POST", b"/up", end=False)
+    backend = balancer.acceptConnect()
+    for data, end in [(b"", False), (b"ab", False), (b"", False), (b"", True)]:
+        client.conn.send_data(sid, data, end_stream=end)
+        client.flush()
+    sent = backend.received()
+    assert sent.endswith(b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n")
+    assert sent.count(b"0\r\n\r\n") == 1

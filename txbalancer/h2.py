@@ -184,7 +184,9 @@ class _StreamRequest:
 
     def handleContentChunk(self, data: bytes) -> None:
         exchange = self.exchange
-        if exchange is None or self.refused:
+        if exchange is None or self.refused or not data:
+            # An empty DATA frame carries nothing; passed on, it would be
+            # an empty chunk, which ends a chunked body early.
             return
         self.bodySeen += len(data)
         maxBody = self.connection.factory.maxBodySize
@@ -488,7 +490,10 @@ class H2ProxyConnection(H2Connection):
         try:
             request = self._buildRequest(event)
         except _Refused as e:
-            streamRequest.server = H2StreamServer(stream, self, Request())
+            # The method decides whether the answer may have a body (HEAD).
+            refused = Request()
+            refused.method = dict(event.headers).get(b":method", b"")
+            streamRequest.server = H2StreamServer(stream, self, refused)
             streamRequest.refuse(e.status, e.reason)
             return
         server = H2StreamServer(stream, self, request)
