@@ -184,7 +184,7 @@ class LogWatch:
         self.events: list = []
         self.collect = collect
 
-    def __enter__(self) -> "LogWatch":
+    def __enter__(self) -> LogWatch:
         globalLogPublisher.addObserver(self.events.append)
         return self
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import h2.exceptions
 import pytest
-
 from test_h2 import AUTHORITY, H2Client, request
+
 from txbalancer.downstream import BadRequest, parseHead
 from txbalancer.framing import ChunkedDecoder
 from txbalancer.testing import InMemoryBalancer

@@ -15,9 +15,9 @@ from __future__ import annotations
 import h2.exceptions
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
-
 from test_h2 import AUTHORITY, H2Client, LogWatch
 from test_h2_corpus import parseRequests
+
 from txbalancer.headers import HOP_BY_HOP
 from txbalancer.proxy import REQUEST_DROP
 from txbalancer.testing import InMemoryBalancer

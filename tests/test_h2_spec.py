@@ -14,8 +14,8 @@ import h2.events
 import pytest
 from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame, RstStreamFrame, WindowUpdateFrame
-
 from test_h2 import H2Client, LogWatch, request
+
 from txbalancer.testing import InMemoryBalancer
 
 ErrorCodes = h2.errors.ErrorCodes
@@ -102,7 +102,7 @@ def test_negativeWindow(balancer):
         # Raising the setting opens the window: the response completes.
         client.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 65535})
         client.flush()
-        headers, data, ended = client.response(first)
+        _, data, ended = client.response(first)
         assert data == b"x" * 1000 and ended
         third = client.request(b"GET", b"/after")
         backends.respond(OK % 5 + b"after")

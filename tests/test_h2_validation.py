@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import h2.errors
 import pytest
-
 from test_h2 import AUTHORITY, H2Client, request
+
 from txbalancer.downstream import REASONS
 from txbalancer.testing import InMemoryBalancer
 
@@ -129,7 +129,7 @@ def refusedOnStream(client, sid, status):
     connection goes on serving.
     """
     assert client.status(sid) == status
-    headers, body, ended = client.response(sid)
+    _, body, ended = client.response(sid)
     assert ended and body.startswith(REASONS[status] + b": ")
     assert client.goaway() is None
     assert not client.transport.disconnecting

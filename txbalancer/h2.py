@@ -95,7 +95,7 @@ class _StreamEvent:
     balancer reads those itself).
     """
 
-    headers: list[tuple[bytes, bytes]] = []
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(self, streamID: int) -> None:
         self.stream_id = streamID
@@ -148,8 +148,8 @@ class _NoHeaders:
     """
     Stands in for C{Request.requestHeaders} inside Twisted's H2Stream: the
     balancer reads the headers from the HEADERS event itself (keeping their
-    order), and Twisted must not answer C{Expect: 100-continue} on its own
-    (the backend decides).
+    order) and hands Twisted none (L{_StreamEvent}); Twisted must not answer
+    C{Expect: 100-continue} on its own either (the backend decides).
     """
 
     def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
