@@ -566,6 +566,9 @@ from txbalancer.testing import backendSpecs
 from txbalancer.upstream import UpstreamPool
 
 config = json.loads(sys.argv[1])
+from twisted.logger import globalLogBeginner, textFileLogObserver
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+                                  redirectStandardIO=False)
 
 class App(resource.Resource):
     isLeaf = True
@@ -601,6 +604,8 @@ def h2server(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", BALANCER, json.dumps({"cert": [spec.cert, spec.key]})],
         stdout=subprocess.PIPE,
+        # The balancer's log, for tests that look for errors in it.
+        stderr=open(tmp_path / "balancer.log", "wb"),  # noqa: SIM115
         env=dict(os.environ, PYTHONPATH=ROOT),
         text=True,
     )
@@ -714,3 +719,77 @@ def test_rapidResetOverTLS(h2server):
     assert goaways and goaways[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     result = _curl(port, ca, "--http2", f"https://a.example:{port}/after")
     assert result.stdout == b"hello https /after"
+
+
+def _exchange(sock, conn, events, done):
+    """
+    Send what C{conn} has queued and read into C{events} until C{done()}
+    (bounded by the socket timeout and a count of reads).
+    """
+    sock.sendall(conn.data_to_send())
+    for _ in range(1000):
+        if done():
+            return
+        data = sock.recv(65536)
+        assert data, "the balancer closed the connection"
+        events += conn.receive_data(data)
+        sock.sendall(conn.data_to_send())
+    raise AssertionError("no answer")
+
+
+@pytest.mark.integration
+def test_validationAndNegativeWindowOverTLS(h2server, tmp_path):
+    """Over real TLS: the issue's :method reproduction gets 400, a window
+    made negative by lowered settings completes once raised again, and the
+    balancer logs no traceback."""
+    import socket
+    import ssl
+
+    from h2.settings import SettingCodes
+
+    port, ca = h2server
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.set_alpn_protocols(["h2"])
+    config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+    config.validate_outbound_headers = False
+    conn = h2.connection.H2Connection(config)
+    conn.initiate_connection()
+    conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 100})
+    events: list = []
+
+    def of(sid, kind):
+        return [e for e in events if isinstance(e, kind)
+                and getattr(e, "stream_id", None) == sid]
+
+    def data(sid):
+        return b"".join(e.data for e in of(sid, h2.events.DataReceived))
+
+    def head(method, path):
+        return [(b":method", method), (b":scheme", b"https"),
+                (b":authority", b"a.example"), (b":path", path)]
+
+    raw = socket.create_connection(("127.0.0.1", port), timeout=BOUND)
+    with raw, ctx.wrap_socket(raw, server_hostname="a.example") as s:
+        assert s.selected_alpn_protocol() == "h2"
+        conn.send_headers(1, head(b"GET /admin HTTP/1.1", b"/public"), end_stream=True)
+        _exchange(s, conn, events, lambda: of(1, h2.events.StreamEnded))
+        assert dict(of(1, h2.events.ResponseReceived)[0].headers)[b":status"] == b"400"
+
+        path = b"/" + b"x" * 400
+        conn.send_headers(3, head(b"GET", path), end_stream=True)
+        _exchange(s, conn, events, lambda: len(data(3)) >= 100)
+        acked = len([e for e in events if isinstance(e, h2.events.SettingsAcknowledged)])
+        conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        _exchange(s, conn, events, lambda: len(
+            [e for e in events if isinstance(e, h2.events.SettingsAcknowledged)]) > acked)
+        assert len(data(3)) == 100
+        conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+        _exchange(s, conn, events, lambda: of(3, h2.events.StreamEnded))
+        assert data(3) == b"hello https " + path
+
+        conn.send_headers(5, head(b"GET", b"/after"), end_stream=True)
+        _exchange(s, conn, events, lambda: of(5, h2.events.StreamEnded))
+        assert data(5) == b"hello https /after"
+    log = (tmp_path / "balancer.log").read_text()
+    assert "refused HTTP/2 request" in log  # the log is really read
+    assert "Traceback" not in log and "Unhandled" not in log, log
