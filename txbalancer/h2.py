@@ -7,12 +7,18 @@ it, so each HTTP/2 stream is one L{txbalancer.proxy.ProxyExchange}, exactly
 as each HTTP/1.1 request is:
 
     - L{H2ProxyConnection} builds, for every stream, a
-      L{txbalancer.downstream.Request} from the HEADERS frame (C{:authority}
-      becomes C{Host}, cookie crumbs are joined) and hands it to the
+      L{txbalancer.downstream.Request} from the HEADERS frame, checked as
+      strictly as the HTTP/1.1 listener checks a request head and by RFC
+      9113's rules for HTTP/2 fields (a malformed one is answered on its
+      stream and never forwarded; C{:authority} becomes C{Host}, cookie
+      crumbs are joined), and hands it to the
       factory's handler with an L{H2StreamServer}, which implements the
       server side of the exchange (C{startResponse}, C{writeBody}, ...) on
       the stream; the request body streams in with per-stream flow control,
       the response streams out under the client's window.
+    - Flow control: a stream whose window is zero or negative (RFC 9113
+      6.9.2) waits for it to reopen; L{_WindowedPriority} keeps Twisted's
+      sending loop from over-sending or spinning on it.
     - Rapid reset (CVE-2023-44487): resets the client sends are counted per
       connection; past C{maxResets} within C{resetWindow} seconds it gets
       GOAWAY (ENHANCE_YOUR_CALM) and the connection is closed.
