@@ -45,6 +45,7 @@ from txbalancer.choosers import STRATEGIES
 from txbalancer.config import ConfigError, parse_backends
 from txbalancer.downstream import HTTPServerFactory
 from txbalancer.health import HealthChecker, OutlierDetector
+from txbalancer.limits import ConnectionLimits, TrackedEndpoint
 from txbalancer.pool import BackendPool
 from txbalancer.proxy import Forwarder
 from txbalancer.settings import BalancerConfig, ListenerConfig, PoolConfig
@@ -269,6 +270,12 @@ class Balancer(MultiService):
                 cookieSecret=cookieSecret,
             )
         self.factories: list[Any] = []
+        # --max-connections and --max-conns-per-ip, shared by every
+        # listener; it learns the listening ports through TrackedEndpoint
+        # (see listenOn).
+        self.limits = ConnectionLimits(
+            config.maxConnections, config.maxConnsPerIp, clock=reactor.seconds
+        )
         self.listeners: list[StreamServerEndpointService] = []
         self.serverTLS: list[Any] = []
         self._h2Factories: dict[int, Any] = {}
@@ -324,6 +331,8 @@ class Balancer(MultiService):
             maxBodySize=config.maxBodySize,
             secure=secure,
             clientCertificates=secure and bool(config.tlsClientCa),
+            headerTimeout=config.headerTimeout,
+            limits=self.limits,
         )
         if secure and config.http2:
             from txbalancer.h2 import NegotiatingFactory
@@ -373,9 +382,13 @@ class Balancer(MultiService):
     def listenOn(self, endpoint: Any, factory: Any) -> StreamServerEndpointService:
         """
         Listen on C{endpoint} with C{factory} as a child service; start-up
-        fails loudly when the port cannot be bound.
+        fails loudly when the port cannot be bound.  The port, once
+        listening, is handed to L{limits}, which pauses it at
+        C{--max-connections}.
         """
-        service = StreamServerEndpointService(endpoint, factory)
+        service = StreamServerEndpointService(
+            TrackedEndpoint(endpoint, self.limits.addPort), factory
+        )
         service._raiseSynchronously = True
         service.setServiceParent(self)
         self.listeners.append(service)
@@ -438,6 +451,7 @@ class Balancer(MultiService):
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         log.info("stopping: no longer accepting connections")
+        self.limits.forgetPorts()
         for serverTLS in self.serverTLS:
             serverTLS.stopWatching()
         yield defer.gatherResults(

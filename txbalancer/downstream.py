@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Optional
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -39,6 +40,7 @@ from txbalancer.framing import (
 )
 from txbalancer.headers import connectionTokens
 from txbalancer.interfaces import IDownstream, IFrontEndConnection, IRequestHead
+from txbalancer.limits import ConnectionLimits, RefusedConnection
 
 log = Logger()
 
@@ -250,14 +252,38 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
 _HEAD, _BODY, _CHUNKED, _DONE = range(4)
 
 
-@implementer(IDownstream, IFrontEndConnection)
+@implementer(IDownstream, IFrontEndConnection, IPushProducer)
 class HTTPServerProtocol(Protocol):
     """
     One client connection, one request at a time (pipelined requests wait
     in the buffer until the response before them is finished).
+
+    Deadlines, all on one timer per connection (C{_timeoutCall}, moved with
+    C{reset}, never a second C{callLater}):
+
+        - idle between requests: C{clientTimeout}, then the connection is
+          closed;
+        - the request head: C{headerTimeout} from its first byte (from the
+          connect for the first request), then 408;
+        - the request body: no byte for C{clientTimeout}, then 408 (or an
+          abort once a response has begun), and the exchange hears
+          C{clientGone}, which frees its backend connection;
+        - the response: the protocol is its transport's streaming producer
+          for the whole connection, so the transport tells it when the
+          client stops reading (C{pauseProducing}: the send buffer is
+          full).  Paused for C{clientTimeout} without C{resumeProducing},
+          the connection is aborted.  The exchange streaming a response
+          registers with the protocol (L{registerProducer}) and is paused
+          and resumed with it; no further pipelined request is started
+          while the client reads nothing;
+        - closing: a connection asked to close that has not closed
+          C{clientTimeout} later (its client reads nothing of what is left
+          to send) is aborted.
     """
 
     _timeoutCall: Any = None
+    # The client address counted by the factory's ConnectionLimits.
+    _admitted: Optional[str] = None
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -278,6 +304,15 @@ class HTTPServerProtocol(Protocol):
         self._clientCert: Any = False
         self.peer = ""
         self.secure = False
+        # The exchange streaming a response (a push producer), if any.
+        self._producer: Any = None
+        # When the transport paused us (its send buffer is full), or None.
+        self._writeBlockedAt: Optional[float] = None
+        self._registered = False
+        self._closing = False
+        # Whether the timer is the idle one (between requests): the first
+        # byte of the next request replaces it with the head deadline.
+        self._idleTimer = False
 
     # -- connection life
 
@@ -287,11 +322,22 @@ class HTTPServerProtocol(Protocol):
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", "") or ""
         self.secure = factory.secure
-        self._armTimeout()
+        self.transport.registerProducer(self, True)
+        self._registered = True
+        # The first request's head is due headerTimeout after the connect
+        # (or clientTimeout, if that is shorter).
+        header, client = factory.headerTimeout, factory.clientTimeout
+        self._armTimeout(header if header and (not client or header < client) else client)
 
     def connectionLost(self, reason: Any = None) -> None:
         self._disconnected = True
-        self.factory.connections.discard(self)
+        self._registered = False
+        self._producer = None
+        factory = self.factory
+        factory.connections.discard(self)
+        if self._admitted is not None:
+            factory.limits.release(self._admitted)
+            self._admitted = None
         self._cancelTimeout()
         exchange = self._exchange
         if exchange is not None:
@@ -301,8 +347,13 @@ class HTTPServerProtocol(Protocol):
 
     # -- timeouts
 
-    def _armTimeout(self) -> None:
-        timeout = self.factory.clientTimeout
+    def _armTimeout(self, timeout: Optional[float] = None) -> None:
+        """
+        (Re)start the connection's one timer: C{timeout} seconds, or
+        C{clientTimeout} when L{None}.
+        """
+        if timeout is None:
+            timeout = self.factory.clientTimeout
         if timeout:
             call = self._timeoutCall
             if call is not None and call.active():
@@ -321,18 +372,96 @@ class HTTPServerProtocol(Protocol):
 
     def _timedOut(self) -> None:
         self._timeoutCall = None
+        factory = self.factory
+        if self._closing:
+            # Closed a while ago, and still not gone: its client reads
+            # nothing of what is left to send.
+            self._disconnected = True
+            self.transport.abortConnection()
+            return
+        blockedAt = self._writeBlockedAt
+        if blockedAt is not None and factory.clientTimeout:
+            left = blockedAt + factory.clientTimeout - factory.reactor.seconds()
+            if left > 0:
+                self._armTimeout(left)
+                return
+            log.info(
+                "client {peer} read nothing for {timeout}s: aborting the connection",
+                peer=self.peer,
+                timeout=factory.clientTimeout,
+            )
+            factory.counters["write_timeout"] = factory.counters.get("write_timeout", 0) + 1
+            self._disconnected = True
+            self.transport.abortConnection()
+            return
         if self._exchange is not None and self._state == _DONE:
             # The whole request is in; waiting for the backend is the
             # backend timeout's business, not the client's.
             self._armTimeout()
             return
         if self._state == _HEAD and not self._buffer:
-            self.transport.loseConnection()
+            self.close()
         elif not self._responding:
-            log.info("client {peer} timed out sending its request", peer=self.peer)
-            self._refuse(408, "client timed out sending the request")
+            if self._state == _HEAD:
+                log.info(
+                    "client {peer} did not send a whole request head in time",
+                    peer=self.peer,
+                )
+                reason = "client did not send the request head in time"
+            else:
+                log.info("client {peer} timed out sending its request", peer=self.peer)
+                reason = "client timed out sending the request"
+            self._refuse(408, reason)
         else:
+            self._disconnected = True
             self.transport.abortConnection()
+
+    def close(self) -> None:
+        """
+        Close the connection once what was written has been sent; a client
+        that reads none of it for C{clientTimeout} is cut off.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        if self._registered:
+            # A transport (TCP or TLS) does not close while a producer is
+            # registered.
+            self._registered = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        self._armTimeout()
+
+    # -- IPushProducer, for the transport: the client reading our writes
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's send buffer is full: the client is not reading.
+        """
+        if self._writeBlockedAt is None:
+            self._writeBlockedAt = self.factory.reactor.seconds()
+            if self._timeoutCall is None:
+                self._armTimeout()
+        producer = self._producer
+        if producer is not None:
+            producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """
+        The client has read what was buffered.
+        """
+        self._writeBlockedAt = None
+        producer = self._producer
+        if producer is not None:
+            producer.resumeProducing()
+        elif self._state == _HEAD and self._buffer and not self._disconnected:
+            # A pipelined request waited for the client to read.
+            self._process()
+
+    def stopProducing(self) -> None:
+        producer = self._producer
+        if producer is not None:
+            producer.stopProducing()
 
     # -- reading
 
@@ -351,10 +480,19 @@ class HTTPServerProtocol(Protocol):
                 self.transport.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._idleTimer:
+            # The first byte of a request: its head is due in headerTimeout.
+            self._idleTimer = False
+            self._armTimeout(self.factory.headerTimeout)
         if self._buffer:
             self._buffer += data
         else:
             self._buffer = data
+        if self._writeBlockedAt is not None and self._state == _HEAD:
+            # The client reads none of our answers: start no other.
+            if len(self._buffer) > self.factory.maxHeadSize:
+                self.pauseReading("pipeline")
+            return
         self._process()
 
     def _process(self) -> None:
@@ -502,11 +640,16 @@ class HTTPServerProtocol(Protocol):
     # -- writing, for the exchange
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.transport.registerProducer(producer, streaming)
+        """
+        C{producer} (a push producer: the exchange) streams the response:
+        it is paused and resumed as the client reads.
+        """
+        self._producer = producer
+        if self._writeBlockedAt is not None:
+            producer.pauseProducing()
 
     def unregisterProducer(self) -> None:
-        if self.transport is not None:
-            self.transport.unregisterProducer()
+        self._producer = None
 
     def sendContinue(self) -> None:
         """
@@ -598,16 +741,21 @@ class HTTPServerProtocol(Protocol):
         if self._disconnected:
             return
         if not self._keepAlive or self._state != _DONE:
-            self.transport.loseConnection()
+            self.close()
             self._disconnected = True
             return
         self._state = _HEAD
         self.resumeReading("pipeline")
-        self._armTimeout()
-        if self.factory.draining and not self._buffer:
-            self.transport.loseConnection()
-            return
         if self._buffer:
+            # A pipelined request has begun: its head is due now.
+            self._armTimeout(self.factory.headerTimeout)
+        else:
+            self._idleTimer = True
+            self._armTimeout()
+        if self.factory.draining and not self._buffer:
+            self.close()
+            return
+        if self._buffer and self._writeBlockedAt is None:
             self._process()
 
     def abortResponse(self) -> None:
@@ -694,8 +842,12 @@ class HTTPServerFactory(Factory):
         maxHeaders: int = 100,
         secure: bool = False,
         clientCertificates: bool = False,
+        headerTimeout: Optional[float] = 10.0,
+        limits: Optional[ConnectionLimits] = None,
     ) -> None:
         self.handler = handler
+        self.headerTimeout = headerTimeout
+        self.limits = limits
         self.clientCertificates = clientCertificates
         self.reactor = reactor
         self.clientTimeout = clientTimeout
@@ -708,8 +860,16 @@ class HTTPServerFactory(Factory):
         self.counters: dict[str, int] = {}
         self._drained: list[Any] = []
 
-    def buildProtocol(self, addr: Any) -> HTTPServerProtocol:
-        p = HTTPServerProtocol()
+    def buildProtocol(self, addr: Any) -> Any:
+        limits = self.limits
+        if limits is not None and limits.active:
+            host = getattr(addr, "host", "") or ""
+            if not limits.admit(host):
+                return RefusedConnection()
+            p = HTTPServerProtocol()
+            p._admitted = host
+        else:
+            p = HTTPServerProtocol()
         p.factory = self
         return p
 
@@ -737,7 +897,10 @@ class HTTPServerFactory(Factory):
         self._drained.append(d)
         for conn in list(self.connections):
             if conn.isIdle():
-                conn.transport.loseConnection()
+                if isinstance(conn, HTTPServerProtocol):
+                    conn.close()
+                else:
+                    conn.transport.loseConnection()
         if self.connections:
             log.info(
                 "waiting up to {timeout}s for {n} connections to finish",
