@@ -447,7 +447,13 @@ class BalancerWiringTests(SynchronousTestCase):
 
         from txbalancer.tap import Options
 
-        path = self.mktemp()
+        import os
+        import shutil
+        import tempfile
+
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "backends.txt")
         with open(path, "w") as f:
             f.write("127.0.0.1:3001\n")
         options = Options()
