@@ -348,14 +348,20 @@ class ConnectionLimitTests(SynchronousTestCase):
         transport.peerCloses()
         self.assertFalse(port.reading)
 
-    def test_over_the_limit_in_one_accept_batch_closed(self) -> None:
-        """A connection accepted beyond maxConnections (in the same accept batch) is closed at once."""
+    def test_over_the_limit_in_one_accept_batch_served(self) -> None:
+        """A connection accepted in the same batch as the one that reached maxConnections is served; the ports resume only below the limit."""
         factory = self.factory(maxConnections=1)
-        self.connect(factory)
+        port = _Port()
+        self.limits.addPort(port)
+        _, first = self.connect(factory)
         protocol, transport = self.connect(factory, port=40001)
-        self.assertIsInstance(protocol, RefusedConnection)
-        self.assertTrue(transport.aborted)
-        self.assertEqual(self.limits.open, 1)
+        self.assertIsInstance(protocol, HTTPServerProtocol)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.limits.open, 2)
+        first.peerCloses()
+        self.assertFalse(port.reading)
+        transport.peerCloses()
+        self.assertTrue(port.reading)
 
     def test_per_ip_limit(self) -> None:
         """Beyond maxPerPeer connections from one address a new one is closed at once; other addresses are served."""

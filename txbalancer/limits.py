@@ -6,9 +6,9 @@ Two limits, both off by default:
     - C{--max-connections N}, over every listener: when N connections are
       open the listening ports stop reading (C{stopReading}), so new
       connections wait in the kernel's listen queue instead of being
-      accepted, and the ports read again as soon as one closes.  The
-      balancer never holds more than N client sockets, so it cannot run
-      out of file descriptors because of clients.
+      accepted, and the ports read again as soon as the count is below N.
+      (Connections the port accepted in the same read as the Nth are
+      served too: the count may pass N by one accept batch.)
     - C{--max-conns-per-ip N}: a connection from an address that already
       has N open is closed at once.  The refusals are logged at most once
       per C{logInterval} seconds, with how many there were, so a flood does
@@ -148,13 +148,13 @@ class ConnectionLimits:
 
         @return: whether it is admitted (then L{release} it when it closes).
         """
+        # A port accepts several connections per read, and pausing it does
+        # not end the read: the ones accepted in the same batch as the one
+        # that reached --max-connections are admitted all the same (the
+        # kernel had queued them; refusing them would reset clients that
+        # were willing to wait).  The port stays paused until the count is
+        # below the limit again.
         maxConnections = self.maxConnections
-        if maxConnections and self.open >= maxConnections:
-            # Accepted in the same batch as the one that reached the limit
-            # (a port accepts several connections per read): over the
-            # limit all the same.
-            self._refuse(host, "--max-connections %d" % (maxConnections,))
-            return False
         maxPerPeer = self.maxPerPeer
         if maxPerPeer and host:
             n = self.perPeer.get(host, 0)
