@@ -109,6 +109,36 @@ class HeaderTimeoutTests(ServerTestCase):
             self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
 
 
+    def test_timer_never_moved_sooner_per_request(self) -> None:
+        """On the path of a kept-alive request the one timer is only pushed later, never sooner (a linear search in Twisted's reactor)."""
+        self.server(clientTimeout=60, headerTimeout=10)
+        last = None
+        for i in range(5):
+            for step in (lambda: self.proto.dataReceived(GET),
+                         lambda: self.proto.respond(200, b"OK", [], b"ok")):
+                (call,) = self.reactor.getDelayedCalls()
+                before = call.getTime()
+                step()
+                (after,) = self.reactor.getDelayedCalls()
+                if after is call:
+                    self.assertGreaterEqual(call.getTime(), before)
+                last = after
+            self.reactor.advance(1)
+        self.assertIsNotNone(last)
+
+    def test_header_timeout_without_client_timeout(self) -> None:
+        """With clientTimeout off, an idle kept-alive connection stays open, but a started head still gets 408 at headerTimeout."""
+        self.server(clientTimeout=None, headerTimeout=10)
+        self.proto.dataReceived(GET)
+        self.proto.respond(200, b"OK", [], b"ok")
+        self.transport.clear()
+        self.reactor.advance(1000)
+        self.assertFalse(self.transport.disconnecting)
+        self.proto.dataReceived(b"GET / HT")
+        self.reactor.advance(10)
+        self.assertEqual(self.status(), b"HTTP/1.1 408 Request Timeout")
+
+
 class WriteDeadlineTests(ServerTestCase):
     def test_protocol_is_its_transports_producer(self) -> None:
         """The server protocol registers itself with its transport as a streaming producer."""

@@ -258,8 +258,12 @@ class HTTPServerProtocol(Protocol):
     One client connection, one request at a time (pipelined requests wait
     in the buffer until the response before them is finished).
 
-    Deadlines, all on one timer per connection (C{_timeoutCall}, moved with
-    C{reset}, never a second C{callLater}):
+    Deadlines, all on one timer per connection (C{_timeoutCall}).  On the
+    path of every request the timer is only ever pushed later, which is
+    cheap (C{DelayedCall.reset} to a later time is arithmetic; to an
+    earlier one it is a linear search of the reactor's heap); a deadline
+    that comes sooner is checked when the timer fires, which then re-arms
+    itself for what is left:
 
         - idle between requests: C{clientTimeout}, then the connection is
           closed;
@@ -310,9 +314,11 @@ class HTTPServerProtocol(Protocol):
         self._writeBlockedAt: Optional[float] = None
         self._registered = False
         self._closing = False
-        # Whether the timer is the idle one (between requests): the first
-        # byte of the next request replaces it with the head deadline.
+        # Whether the connection is between requests: the first byte of the
+        # next one starts its head deadline (_headStart).
         self._idleTimer = False
+        self._headStart = 0.0
+        self._idleDeadline = 0.0
 
     # -- connection life
 
@@ -326,8 +332,11 @@ class HTTPServerProtocol(Protocol):
         self._registered = True
         # The first request's head is due headerTimeout after the connect
         # (or clientTimeout, if that is shorter).
-        header, client = factory.headerTimeout, factory.clientTimeout
-        self._armTimeout(header if header and (not client or header < client) else client)
+        now = factory.reactor.seconds()
+        self._headStart = now
+        phase = self._headPhase()
+        self._idleDeadline = now + (phase or 0.0)
+        self._armTimeout(phase)
 
     def connectionLost(self, reason: Any = None) -> None:
         self._disconnected = True
@@ -362,6 +371,14 @@ class HTTPServerProtocol(Protocol):
                 self._timeoutCall = self.factory.reactor.callLater(
                     timeout, self._timedOut
                 )
+
+    def _headPhase(self) -> Optional[float]:
+        """
+        The longest the timer may sleep while a head is due or the
+        connection idle: the shorter of the two timeouts.
+        """
+        header, client = self.factory.headerTimeout, self.factory.clientTimeout
+        return header if header and (not client or header < client) else client
 
     def _cancelTimeout(self) -> None:
         call = self._timeoutCall
@@ -399,6 +416,18 @@ class HTTPServerProtocol(Protocol):
             # backend timeout's business, not the client's.
             self._armTimeout()
             return
+        if self._state == _HEAD:
+            now = factory.reactor.seconds()
+            if not self._buffer:
+                left = self._idleDeadline - now
+            else:
+                left = self._headStart + (self._headPhase() or 0.0) - now
+            if left > 0:
+                # Not yet: the timer sleeps at most a head phase at a time,
+                # so a head that starts meanwhile is not overslept.
+                phase = self._headPhase()
+                self._armTimeout(left if not phase or left < phase else phase)
+                return
         if self._state == _HEAD and not self._buffer:
             self.close()
         elif not self._responding:
@@ -481,9 +510,10 @@ class HTTPServerProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._idleTimer:
-            # The first byte of a request: its head is due in headerTimeout.
+            # The first byte of a request: its head is due headerTimeout
+            # from now (the timer, due within a head phase, checks).
             self._idleTimer = False
-            self._armTimeout(self.factory.headerTimeout)
+            self._headStart = self.factory.reactor.seconds()
         if self._buffer:
             self._buffer += data
         else:
@@ -746,12 +776,18 @@ class HTTPServerProtocol(Protocol):
             return
         self._state = _HEAD
         self.resumeReading("pipeline")
+        factory = self.factory
+        now = factory.reactor.seconds()
         if self._buffer:
-            # A pipelined request has begun: its head is due now.
-            self._armTimeout(self.factory.headerTimeout)
+            # A pipelined request has begun: its head is due from now.
+            self._headStart = now
         else:
             self._idleTimer = True
-            self._armTimeout()
+            timeout = factory.clientTimeout
+            self._idleDeadline = now + timeout if timeout else float("inf")
+        # Later than where the timer stood (the head deadline of this
+        # request, at most a head phase after it began): cheap.
+        self._armTimeout(self._headPhase())
         if self.factory.draining and not self._buffer:
             self.close()
             return
