@@ -110,11 +110,16 @@ class HeaderTimeoutTests(ServerTestCase):
 
 
     def test_timer_never_moved_sooner_per_request(self) -> None:
-        """On the path of a kept-alive request the one timer is only pushed later, never sooner (a linear search in Twisted's reactor)."""
+        """On the path of kept-alive requests, with and without a body, the one timer is pushed later or replaced, never reset sooner (a linear search in Twisted's reactor)."""
         self.server(clientTimeout=60, headerTimeout=10)
         last = None
+        post = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n"
         for i in range(5):
             for step in (lambda: self.proto.dataReceived(GET),
+                         lambda: self.proto.respond(200, b"OK", [], b"ok"),
+                         lambda: self.proto.dataReceived(post),
+                         lambda: self.proto.dataReceived(b"x"),
+                         lambda: self.proto.dataReceived(b"y"),
                          lambda: self.proto.respond(200, b"OK", [], b"ok")):
                 (call,) = self.reactor.getDelayedCalls()
                 before = call.getTime()

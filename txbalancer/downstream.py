@@ -259,11 +259,11 @@ class HTTPServerProtocol(Protocol):
     in the buffer until the response before them is finished).
 
     Deadlines, all on one timer per connection (C{_timeoutCall}).  On the
-    path of every request the timer is only ever pushed later, which is
-    cheap (C{DelayedCall.reset} to a later time is arithmetic; to an
-    earlier one it is a linear search of the reactor's heap); a deadline
-    that comes sooner is checked when the timer fires, which then re-arms
-    itself for what is left:
+    path of a simple request the timer is only ever pushed later, which is
+    cheap (see L{_armTimeout}); the first byte of a request does not touch
+    it at all: its head deadline is checked when the timer fires (it sleeps
+    at most the shorter of the two timeouts between requests), which then
+    re-arms itself for what is left:
 
         - idle between requests: C{clientTimeout}, then the connection is
           closed;
@@ -360,17 +360,23 @@ class HTTPServerProtocol(Protocol):
         """
         (Re)start the connection's one timer: C{timeout} seconds, or
         C{clientTimeout} when L{None}.
+
+        Pushed later, the timer is C{reset} (arithmetic); brought sooner,
+        it is replaced (a cancel is lazy, a new call a heap push), since
+        C{reset} to an earlier time searches the reactor's heap linearly.
         """
+        factory = self.factory
         if timeout is None:
-            timeout = self.factory.clientTimeout
+            timeout = factory.clientTimeout
         if timeout:
             call = self._timeoutCall
             if call is not None and call.active():
-                call.reset(timeout)
-            else:
-                self._timeoutCall = self.factory.reactor.callLater(
-                    timeout, self._timedOut
-                )
+                reactor = factory.reactor
+                if reactor.seconds() + timeout >= call.getTime():
+                    call.reset(timeout)
+                    return
+                call.cancel()
+            self._timeoutCall = factory.reactor.callLater(timeout, self._timedOut)
 
     def _headPhase(self) -> Optional[float]:
         """
@@ -785,8 +791,8 @@ class HTTPServerProtocol(Protocol):
             self._idleTimer = True
             timeout = factory.clientTimeout
             self._idleDeadline = now + timeout if timeout else float("inf")
-        # Later than where the timer stood (the head deadline of this
-        # request, at most a head phase after it began): cheap.
+        # Usually later than where the timer stood (the head deadline of
+        # this request, at most a head phase after it began).
         self._armTimeout(self._headPhase())
         if self.factory.draining and not self._buffer:
             self.close()
