@@ -509,3 +509,37 @@ class BalancerWiringTests(SynchronousTestCase):
         for bad in (["--header-timeout", "0"], ["--max-connections", "-1"],
                     ["--max-conns-per-ip", "x"]):
             self.assertRaises(usage.UsageError, Options().parseOptions, ["--backends", path] + bad)
+
+
+class TLSRefusalTests(SynchronousTestCase):
+    def test_refused_under_tls(self) -> None:
+        """A connection over --max-conns-per-ip on a TLS listener is aborted at once, before any handshake, without an error."""
+        import shutil
+        import tempfile
+
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from test_tls import PKI
+        from txbalancer.tls import ServerTLS
+
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        serverTLS = ServerTLS([PKI(directory).server("a", "a.example")])
+        reactor = MemoryReactorClock()
+        limits = ConnectionLimits(maxPerPeer=1, clock=reactor.seconds)
+        factory = TLSMemoryBIOFactory(
+            serverTLS, False, HTTPServerFactory(RecordingHandler(), reactor, limits=limits)
+        )
+        transports = []
+        for port in (1, 2):
+            transport = FakeTransport("192.0.2.1", port)
+            protocol = factory.buildProtocol(transport.getPeer())
+            transport.protocol = protocol
+            protocol.makeConnection(transport)
+            transports.append(transport)
+        self.assertFalse(transports[0].disconnecting)
+        self.assertTrue(transports[1].aborted)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        transports[1].deliverLoss()
+        self.assertEqual(limits.open, 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
