@@ -6,7 +6,6 @@ and the connection limits (--max-connections, --max-conns-per-ip).
 
 from __future__ import annotations
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
@@ -327,10 +326,6 @@ class _Port:
 
     def startReading(self):
         self.reading = True
-
-
-def _addr(host: str, port: int = 40000) -> IPv4Address:
-    return IPv4Address("TCP", host, port)
 
 
 class ConnectionLimitTests(SynchronousTestCase):
