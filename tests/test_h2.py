@@ -793,3 +793,127 @@ def test_validationAndNegativeWindowOverTLS(h2server, tmp_path):
     log = (tmp_path / "balancer.log").read_text()
     assert "refused HTTP/2 request" in log  # the log is really read
     assert "Traceback" not in log and "Unhandled" not in log, log
+
+
+class _StubStreamServer:
+    """What _WriteDeadline sees of an H2StreamServer."""
+
+    def __init__(self, reactor, timeout):
+        class Factory:
+            clientTimeout = timeout
+            counters: dict = {}
+
+        class Connection:
+            peer = "192.0.2.9"
+            factory = Factory()
+
+        class StreamRequest:
+            lost = False
+
+            def connectionLost(self, reason):
+                self.lost = True
+
+        class Stream:
+            _request = StreamRequest()
+
+        self.connection = Connection()
+        self.connection._reactor = reactor
+        self.stream = Stream()
+        self.streamID = 1
+        self.aborted = False
+        self.active = True
+
+    def _active(self):
+        return self.active
+
+    def abortResponse(self):
+        self.aborted = True
+
+
+class _Producer:
+    def __init__(self):
+        self.calls = []
+
+    def pauseProducing(self):
+        self.calls.append("pause")
+
+    def resumeProducing(self):
+        self.calls.append("resume")
+
+    def stopProducing(self):
+        self.calls.append("stop")
+
+
+def test_writeDeadlineResetsStalledStream():
+    """A stream paused (its window shut) for --client-timeout is reset and its
+    exchange told the client is gone; the producer is paused meanwhile."""
+    from twisted.internet.task import Clock
+
+    from txbalancer.h2 import _WriteDeadline
+
+    clock = Clock()
+    server = _StubStreamServer(clock, 5)
+    producer = _Producer()
+    guard = _WriteDeadline(producer, server)
+    guard.pauseProducing()
+    assert producer.calls == ["pause"]
+    clock.advance(4.9)
+    assert not server.aborted
+    clock.advance(0.2)
+    assert server.aborted and server.stream._request.lost
+    assert server.connection.factory.counters["write_timeout"] == 1
+
+
+def test_writeDeadlineCancelledByWindowUpdate():
+    """A stream whose window opens again within --client-timeout is not reset,
+    however often it is paused."""
+    from twisted.internet.task import Clock
+
+    from txbalancer.h2 import _WriteDeadline
+
+    clock = Clock()
+    server = _StubStreamServer(clock, 5)
+    producer = _Producer()
+    guard = _WriteDeadline(producer, server)
+    for _ in range(10):
+        guard.pauseProducing()
+        clock.advance(4)
+        guard.resumeProducing()
+    assert not server.aborted
+    assert clock.getDelayedCalls() == []
+    guard.pauseProducing()
+    guard._cancel()  # unregistered: the response is over
+    clock.advance(10)
+    assert not server.aborted
+
+
+def test_writeDeadlineIgnoresFinishedStream():
+    """The deadline does nothing to a stream that has already ended."""
+    from twisted.internet.task import Clock
+
+    from txbalancer.h2 import _WriteDeadline
+
+    clock = Clock()
+    server = _StubStreamServer(clock, 5)
+    guard = _WriteDeadline(_Producer(), server)
+    guard.pauseProducing()
+    server.active = False
+    clock.advance(5)
+    assert not server.aborted
+
+
+def test_streamedResponseRegistersWriteDeadline(balancer):
+    """A streamed response registers the exchange with its stream behind the
+    write deadline, and unregisters it when done."""
+    from txbalancer.h2 import _WriteDeadline
+
+    client = H2Client(balancer)
+    sid = client.request(path=b"/big")
+    backend = balancer.acceptConnect()
+    backend.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+    client.flush()
+    stream = client.server.streams[sid]
+    assert isinstance(stream.producer, _WriteDeadline)
+    backend.respond(b"0\r\n\r\n")
+    client.flush()
+    assert client.response(sid)[2]

@@ -56,6 +56,7 @@ from txbalancer.config import ConfigError, load_secret, parse_backends
 from txbalancer.downstream import HTTPServerFactory
 from txbalancer.health import HealthChecker, OutlierDetector
 from txbalancer.interfaces import IExchange
+from txbalancer.limits import ConnectionLimits, TrackedEndpoint
 from txbalancer.pool import BackendPool
 from txbalancer.proxy import Forwarder
 from txbalancer.routing import RouteTable
@@ -601,6 +602,12 @@ class Balancer(MultiService):
         self.retiring: list[PoolRuntime] = []
         self._dispatch = _Dispatch(self._serving(config, self.pools))
         self.factories: list[Any] = []
+        # --max-connections and --max-conns-per-ip, shared by every
+        # listener; it learns the listening ports through TrackedEndpoint
+        # (see listenOn).
+        self.limits = ConnectionLimits(
+            config.maxConnections, config.maxConnsPerIp, clock=reactor.seconds
+        )
         self.listeners: list[StreamServerEndpointService] = []
         # (endpoint string, protocol factory) of each client listener, for
         # the admin server's connection counts.
@@ -703,6 +710,8 @@ class Balancer(MultiService):
             maxBodySize=config.maxBodySize,
             secure=secure,
             clientCertificates=secure and bool(config.tlsClientCa),
+            headerTimeout=config.headerTimeout,
+            limits=self.limits,
         )
         if secure and config.http2:
             from txbalancer.h2 import NegotiatingFactory
@@ -866,9 +875,13 @@ class Balancer(MultiService):
     def listenOn(self, endpoint: Any, factory: Any) -> StreamServerEndpointService:
         """
         Listen on C{endpoint} with C{factory} as a child service; start-up
-        fails loudly when the port cannot be bound.
+        fails loudly when the port cannot be bound.  The port, once
+        listening, is handed to L{limits}, which pauses it at
+        C{--max-connections}.
         """
-        service = StreamServerEndpointService(endpoint, factory)
+        service = StreamServerEndpointService(
+            TrackedEndpoint(endpoint, self.limits.addPort), factory
+        )
         service._raiseSynchronously = True
         service.setServiceParent(self)
         self.listeners.append(service)
@@ -1202,6 +1215,7 @@ class Balancer(MultiService):
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         log.info("stopping: no longer accepting connections")
+        self.limits.forgetPorts()
         for serverTLS in self.serverTLS:
             serverTLS.stopWatching()
         for name in list(self.discoveries):

@@ -298,10 +298,13 @@ class H2StreamServer:
     # -- writing
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.stream.registerProducer(producer, streaming)
+        self.stream.registerProducer(_WriteDeadline(producer, self), streaming)
 
     def unregisterProducer(self) -> None:
-        if self.stream.producer is not None:
+        producer = self.stream.producer
+        if producer is not None:
+            if isinstance(producer, _WriteDeadline):
+                producer._cancel()
             self.stream.unregisterProducer()
 
     def sendContinue(self) -> None:
@@ -366,6 +369,64 @@ class H2StreamServer:
         )
         self.writeBody(body)
         self.finishResponse()
+
+
+class _WriteDeadline:
+    """
+    The exchange as its stream's producer, with the write deadline of
+    C{--client-timeout}: Twisted pauses it while the client's flow-control
+    window for the stream is shut; paused that long without a window
+    update, the stream is reset and the exchange told the client is gone,
+    which frees its backend connection.  (A client that reads nothing at
+    all stops sending too, and Twisted's idle timeout of the connection
+    closes it; this covers a client that keeps the connection busy while
+    leaving one stream's window shut.)
+    """
+
+    def __init__(self, producer: Any, server: H2StreamServer) -> None:
+        self.producer = producer
+        self.server = server
+        self._call: Any = None
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+        connection = self.server.connection
+        timeout = connection.factory.clientTimeout
+        if timeout and self._call is None:
+            self._call = connection._reactor.callLater(timeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self._cancel()
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._cancel()
+        self.producer.stopProducing()
+
+    def _cancel(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _stalled(self) -> None:
+        self._call = None
+        server = self.server
+        if not server._active():
+            return
+        log.info(
+            "HTTP/2 client {peer} opened no window on stream {stream} for "
+            "{timeout}s: resetting it",
+            peer=server.connection.peer,
+            stream=server.streamID,
+            timeout=server.connection.factory.clientTimeout,
+        )
+        counters = server.connection.factory.counters
+        counters["write_timeout"] = counters.get("write_timeout", 0) + 1
+        server.abortResponse()
+        request = getattr(server.stream, "_request", None)
+        if request is not None:
+            # Twisted does not tell a stream it reset itself.
+            request.connectionLost(None)
 
 
 @implementer(IFrontEndConnection)

@@ -474,8 +474,9 @@ class BalancerConfig:
         "are replaced. [default: none]")
     clientTimeout: float = setting(
         "client-timeout", 60.0, seconds,
-        "Seconds a client connection may stay idle (or take to send its "
-        "request) before it is closed.")
+        "Seconds a client connection may stay idle between requests, send "
+        "no byte of a request body, or leave the response unread, before it "
+        "is closed (with 408 when no response has begun).")
     maxBodySize: Optional[int] = setting(
         "max-body-size", None, size,
         "Largest request body accepted, in bytes (suffixes k, m, g); larger "
@@ -583,6 +584,23 @@ class BalancerConfig:
         "admin-token-file", None, optionalText,
         "Read the admin token from this file (surrounding whitespace is "
         "ignored).")
+
+    # -- slow clients
+    headerTimeout: float = setting(
+        "header-timeout", 10.0, seconds,
+        "Seconds a client has to send a whole request head, from its first "
+        "byte (from the connect, for a connection's first request); after "
+        "that it gets 408 and the connection is closed.")
+    maxConnections: int = setting(
+        "max-connections", 0, count,
+        "Client connections open at once, over every listener; at the limit "
+        "the listeners stop accepting (new connections wait in the kernel's "
+        "listen queue) until one closes. 0: unlimited. [default: unlimited]")
+    maxConnsPerIp: int = setting(
+        "max-conns-per-ip", 0, count,
+        "Client connections one address may have open at once; beyond it a "
+        "new connection from that address is closed at once. 0: unlimited. "
+        "[default: unlimited]")
 
     def pool(self, name: str) -> PoolConfig:
         for pool in self.pools:
