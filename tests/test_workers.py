@@ -60,15 +60,19 @@ class CommandTests(SynchronousTestCase):
 
 class WorkerConfigTests(SynchronousTestCase):
     def test_worker_config(self) -> None:
-        """A worker runs without checks or admin server, as one process, with
-        its share of each max_conns (rounded up)."""
+        """A worker runs without checks, admin server or DNS lookups, as one
+        process, with its share of each max_conns and of max-connections
+        (rounded up)."""
         pool = PoolConfig(backends=backendSpecs("127.0.0.1:3001 max_conns=5",
-                                                "127.0.0.1:3002"))
-        config = BalancerConfig(pools=(pool,), admin="tcp:9000", workers=2)
+                                                "127.0.0.1:3002"), source="srv:_http._tcp.x")
+        config = BalancerConfig(pools=(pool,), admin="tcp:9000", workers=2,
+                                maxConnections=101)
         mine = ws.workerConfig(config, 2)
         self.assertTrue(mine.pools[0].noHealthChecks)
         self.assertIsNone(mine.admin)
         self.assertEqual(mine.workers, 1)
+        self.assertEqual(mine.maxConnections, 51)
+        self.assertEqual(mine.pools[0].source, "inline")  # no DNS lookups of its own
         self.assertEqual([s.max_conns for s in mine.pools[0].backends], [3, 0])
         self.assertEqual(config.pools[0].backends[0].max_conns, 5)
 

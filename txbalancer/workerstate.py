@@ -147,19 +147,24 @@ def workerConfig(config: Any, workers: int) -> Any:
     """
     The configuration a worker runs: the master's, with health checks off
     (the master checks and pushes the results), no admin server (the
-    master serves it), one process, and each backend's C{max_conns} split:
-    C{ceil(max_conns / workers)} per worker.
+    master serves it), one process, its pools' backends as given (the
+    master reads the files and asks DNS, and pushes what it found), and the
+    limits split: C{ceil(max_conns / workers)} per backend and
+    C{ceil(max_connections / workers)} client connections per worker.
     """
-
     pools = tuple(
         dataclasses.replace(
-            pool, noHealthChecks=True,
+            pool, noHealthChecks=True, source="inline",
             backends=tuple(shareSpec(s, workers) for s in pool.backends),
         )
         for pool in config.pools
     )
+    maxConnections = config.maxConnections
+    if maxConnections and workers > 1:
+        maxConnections = math.ceil(maxConnections / workers)
     return config.replace(
-        pools=pools, admin=None, adminToken=None, adminTokenFile=None, workers=1
+        pools=pools, admin=None, adminToken=None, adminTokenFile=None, workers=1,
+        maxConnections=maxConnections,
     )
 
 

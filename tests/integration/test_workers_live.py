@@ -300,14 +300,6 @@ def test_workers_exit_when_the_master_dies(backend, balancer):
         wait_for(lambda: not pid_alive(pid), 10 + MARGIN, f"worker {pid} gone")
 
 
-def _reloadsBackendsFiles() -> bool:
-    from txbalancer.balancer import Balancer
-
-    return hasattr(Balancer, "apply")
-
-
-@pytest.mark.skipif(not _reloadsBackendsFiles(),
-                    reason="SIGHUP re-reads the backends file once the reload work is in")
 def test_sighup_with_a_changed_backends_file_reaches_every_worker(backend, balancer):
     """SIGHUP after the backends file changed: the master reloads and both
     workers send only to the new set of backends."""
