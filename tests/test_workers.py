@@ -151,10 +151,11 @@ class ApplyStateTests(SynchronousTestCase):
 
 
 def report(requests, active, classes2xx, times=(), retries=0, inFlight=None,
-           listeners=()):
+           listeners=(), queued=0):
     return {"listeners": list(listeners), "pools": {"default": {
         "in_flight": active if inFlight is None else inFlight,
         "retries": retries,
+        "queued": queued,
         "backends": {("http", "127.0.0.1", 3001): {
             "requests": requests, "failures": 0, "connections": 0, "bytesIn": 0,
             "bytesOut": 0, "ejections": 0, "active": active,
@@ -178,6 +179,8 @@ class TotalsTests(SynchronousTestCase):
         self.totals.record("b", self.pools, report(5, 1, 4, [0.003] * 4,
                                                    listeners=[2]), 100.0)
         self.assertEqual(self.totals.connections(1), [5])
+        self.totals.record("b", self.pools, report(5, 1, 4, queued=2, listeners=[2]), 100.5)
+        self.assertEqual(self.lb.runtime.queueLength, 2)
         self.totals.record("a", self.pools, report(12, 0, 12, [0.001] * 4), 101.0)
         b = self.backend
         self.assertEqual((b.requests, b.active), (17, 1))

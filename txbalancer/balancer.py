@@ -199,6 +199,17 @@ class PoolRuntime:
     def inFlight(self) -> int:
         return self.forwarder.inFlight
 
+    # Requests waiting in other processes' queues (--workers: the master's
+    # sum of its workers').
+    queuedElsewhere = 0
+
+    @property
+    def queueLength(self) -> int:
+        """
+        Requests waiting for room (C{--queue-size}).
+        """
+        return len(self.pool.waiting) + self.queuedElsewhere
+
     # -- a reload
 
     # The pool settings a running pool cannot take in place: the health

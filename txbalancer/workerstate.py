@@ -294,6 +294,7 @@ def report(pools: Any, sent: dict[Any, int], listening: Any = ()) -> dict[str, A
         result[name] = {
             "in_flight": runtime.forwarder.inFlight,
             "retries": runtime.forwarder.retries,
+            "queued": len(pool.waiting),
             "backends": backends,
         }
     return {
@@ -367,21 +368,23 @@ class Totals:
 
     def gauges(self, pools: Any) -> None:
         """
-        Requests in flight: the sum of the live workers' last reports.  A
+        Requests in flight and queued: the sum of the live workers' last reports.  A
         backend the master removed is gone once no worker has requests in
         flight to it.
         """
         for name, runtime in pools.items():
-            inFlight = 0
+            inFlight = queued = 0
             active: dict[Any, int] = {}
             for stats in self.last.values():
                 pstats = stats["pools"].get(name)
                 if pstats is None:
                     continue
                 inFlight += pstats["in_flight"]
+                queued += pstats.get("queued", 0)
                 for key, b in pstats["backends"].items():
                     active[key] = active.get(key, 0) + b["active"]
             runtime.forwarder.inFlight = inFlight
+            runtime.queuedElsewhere = queued
             pool = runtime.pool
             for key, backend in _backends(runtime).items():
                 backend.active = active.get(key, 0)

@@ -190,7 +190,7 @@ class BalancerCollector:
                     1 if outliers is not None and outliers.isEjected(backend) else 0,
                 )
             poolInFlight.add_metric([name], runtime.forwarder.inFlight)
-            queue.add_metric([name], len(runtime.pool.waiting))
+            queue.add_metric([name], runtime.queueLength)
             retries.add_metric([name], runtime.forwarder.retries)
         for endpoint, n in balancer.connectionCounts():
             connections.add_metric([endpoint], n)

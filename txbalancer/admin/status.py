@@ -84,7 +84,7 @@ def poolStatus(runtime: Any, now: float) -> dict[str, Any]:
         "strategy": runtime.config.strategy,
         "backends": [backendStatus(runtime, b, now) for b in pool.backends],
         "in_flight": runtime.forwarder.inFlight,
-        "queue_length": len(pool.waiting),
+        "queue_length": runtime.queueLength,
         "retries": runtime.forwarder.retries,
         "panic": pool.panic,
         # Backends removed while requests were in flight to them, until
