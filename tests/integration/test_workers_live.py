@@ -363,3 +363,27 @@ def test_daemonized_master_logs_its_workers(backend, tmp_path):
     for index in (0, 1):
         assert f"[worker {index} pid " in text
     assert text.count("] stopped") >= 3, text[-3000:]  # both workers and the master
+
+
+def test_ip_hash_is_the_same_in_every_worker(backend, balancer):
+    """--strategy ip-hash with --workers 2: each client address goes to one
+    backend whichever worker accepts its connection."""
+    from .support import get_from
+
+    backends = [backend() for _ in range(3)]
+    lb, admin_port = start_workers(balancer, backends, "--strategy", "ip-hash")
+    sources = [f"127.0.0.{i}" for i in range(2, 14)]
+    homes: dict[str, set] = {s: set() for s in sources}
+    for round_ in range(30):
+        with ThreadPoolExecutor(4) as pool:
+            for source, resp in zip(
+                    sources * 4,
+                    pool.map(lambda s: get_from(s, lb.port, f"/h/{round_}"), sources * 4)):
+                assert resp.status == 200, resp
+                homes[source].add(port_of(resp))
+        time.sleep(1.2)
+        if all(w["requests"] for w in status(admin_port)["worker_processes"]):
+            break
+    assert all(w["requests"] for w in status(admin_port)["worker_processes"])
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert len({next(iter(h)) for h in homes.values()}) > 1, homes
