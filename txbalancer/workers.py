@@ -35,7 +35,7 @@ from typing import Any, Optional
 from twisted.internet import defer, error
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import LogLevel, Logger
+from twisted.logger import InvalidLogLevelError, LogLevel, Logger
 from twisted.protocols import amp
 
 from txbalancer import workerstate as ws
@@ -95,7 +95,7 @@ class MasterChannel(amp.AMP):
     def logged(self, level: str, text: str) -> dict[str, Any]:
         try:
             logLevel = LogLevel.levelWithName(level)
-        except Exception:
+        except InvalidLogLevelError:
             logLevel = LogLevel.info
         log.emit(logLevel, "{text}", text=text,
                  log_system=f"worker {self.slot.index} pid {self.slot.pid}")
@@ -136,9 +136,9 @@ class WorkerSlot:
         self.restarts = 0
         self.failures = 0
         self.startedAt = 0.0
-        self.pending: Any = None
+        self.pending: Any = None  # the delayed restart
         self.stopping = False
-        self.ended_: Optional[defer.Deferred[None]] = None
+        self._exited: Optional[defer.Deferred[None]] = None
         self.requests = 0
 
     def start(self) -> None:
@@ -162,7 +162,7 @@ class WorkerSlot:
             childEnd.close()
         self.pid = self.process.pid
         self.startedAt = self.reactor.seconds()
-        self.ended_ = defer.Deferred()
+        self._exited = defer.Deferred()
         factory = Factory.forProtocol(lambda: MasterChannel(self))
         self.reactor.adoptStreamConnection(parentEnd.fileno(), socket.AF_UNIX, factory)
         parentEnd.close()
@@ -221,8 +221,8 @@ class WorkerSlot:
         self.channel = None
         self.ready = False
         self.master.totals.forget(self, self.master.pools)
-        if self.ended_ is not None:
-            ended, self.ended_ = self.ended_, None
+        if self._exited is not None:
+            ended, self._exited = self._exited, None
             ended.callback(None)
         if self.stopping:
             log.info("worker {index} (pid {pid}) exited ({code})", index=self.index,
@@ -260,9 +260,9 @@ class WorkerSlot:
         if self.pending is not None and self.pending.active():
             self.pending.cancel()
         self.pending = None
-        if self.process is None or self.ended_ is None:
+        if self.process is None or self._exited is None:
             return defer.succeed(None)
-        ended = self.ended_
+        ended = self._exited
         if self.channel is not None:
             self.channel.callRemote(ws.Drain).addErrback(lambda f: None)
         else:
