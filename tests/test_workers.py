@@ -294,3 +294,31 @@ class MasterPushTests(SynchronousTestCase):
         self.assertEqual((kw["index"], kw["workers"]), (1, 2))
         self.assertEqual(len(kw["secret"]), 32)
         self.assertEqual(kw["secret"], self.sent[0][2]["secret"])
+
+
+class WatchTests(SynchronousTestCase):
+    def test_silent_worker_is_killed(self) -> None:
+        """A ready worker that sends no report for 15 s is killed with
+        SIGKILL (then started again like a crash); one that reports is not."""
+        reactor = MemoryReactorClock()
+        master = MasterBalancer(["127.0.0.1:3001"], reactor=reactor, workers=2)
+        signals: list = []
+
+        class Process:
+            pid = 1234
+
+            def __init__(self, index):
+                self.index = index
+
+            def signalProcess(self, sig):
+                signals.append((self.index, sig))
+
+        for slot in master.slots:
+            slot.process, slot.ready, slot.lastReport = Process(slot.index), True, 0.0
+        reactor.advance(10)
+        master.slots[1].reported(report(0, 0, 0))
+        reactor.advance(6)
+        master.pushState()
+        self.assertEqual(signals, [(0, "KILL")])
+        master.pushState()
+        self.assertEqual(signals, [(0, "KILL")])

@@ -17,7 +17,8 @@ proxy.
     - Counters come back every second and are summed into the master's
       own backends, which is what C{/status} and C{/metrics} read.
     - A worker that exits is started again after 1 s, 2 s, 4 s ... (at
-      most L{MAX_BACKOFF}; back to 1 s once one ran L{STABLE} seconds).
+      most L{MAX_BACKOFF}; back to 1 s once one ran L{STABLE} seconds);
+      one that sends no report for L{SILENCE} seconds is killed first.
       The listening sockets stay open in the master all along.
     - SIGTERM: the master closes its copies of the listening sockets,
       tells every worker to drain, waits for them to exit (at most
@@ -49,6 +50,9 @@ STATE_INTERVAL = 0.2
 MAX_BACKOFF = 30.0
 STABLE = 10.0
 GRACE = 5.0
+# A ready worker that sent no report for this long is hung: killed (and
+# so started again).
+SILENCE = 15.0
 
 
 def resolveWorkers(n: int) -> int:
@@ -137,6 +141,7 @@ class WorkerSlot:
         self.failures = 0
         self.startedAt = 0.0
         self.pending: Any = None  # the delayed restart
+        self.lastReport = 0.0
         self.stopping = False
         self._exited: Optional[defer.Deferred[None]] = None
         self.requests = 0
@@ -184,6 +189,7 @@ class WorkerSlot:
         def configured(answer: Any) -> None:
             if self.channel is channel:
                 self.ready = True
+                self.lastReport = self.reactor.seconds()
                 state = ws.snapshot(master.pools)
                 if state != master.lastState:
                     self.send(ws.SetState, state=state)
@@ -208,6 +214,7 @@ class WorkerSlot:
         return d
 
     def reported(self, stats: Any) -> None:
+        self.lastReport = self.reactor.seconds()
         self.master.totals.record(self, self.master.pools, stats, self.reactor.seconds())
         self.requests = sum(
             b["requests"] + b["connections"]
@@ -243,6 +250,18 @@ class WorkerSlot:
         self.pid = None
         self.restarts += 1
         self.pending = self.reactor.callLater(delay, self.start)
+
+    def watch(self, now: float) -> None:
+        """
+        Kill the process if it is ready but silent for L{SILENCE} seconds
+        (its reactor is stuck): it is then started again like a crash.
+        """
+        if (self.ready and not self.stopping and self.process is not None
+                and now - self.lastReport > SILENCE):
+            log.warn("worker {index} (pid {pid}) sent nothing for {s:g}s: killing it",
+                     index=self.index, pid=self.pid, s=now - self.lastReport)
+            self.ready = False
+            self.kill()
 
     def kill(self, sig: str = "KILL") -> None:
         if self.process is not None:
@@ -338,13 +357,17 @@ class MasterBalancer(Balancer):
 
     def pushState(self) -> None:
         """
-        Send every worker the backend state if it changed.
+        Send every worker the backend state if it changed; kill a worker
+        that went silent.
         """
         state = ws.snapshot(self.pools)
         if state != self.lastState:
             self.lastState = state
             for slot in self.slots:
                 slot.send(ws.SetState, state=state)
+        now = self.reactor.seconds()
+        for slot in self.slots:
+            slot.watch(now)
 
     def reload(self) -> Any:
         """

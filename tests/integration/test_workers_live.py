@@ -387,3 +387,23 @@ def test_ip_hash_is_the_same_in_every_worker(backend, balancer):
     assert all(w["requests"] for w in status(admin_port)["worker_processes"])
     assert all(len(h) == 1 for h in homes.values()), homes
     assert len({next(iter(h)) for h in homes.values()}) > 1, homes
+
+
+def test_a_hung_worker_is_killed_and_started_again(backend, balancer):
+    """A worker that stops answering (SIGSTOP: its reactor is stuck) is
+    killed after 15 s without a report and started again; the other serves
+    meanwhile."""
+    lb, admin_port = start_workers(balancer, [backend()])
+    victim = worker_pids(admin_port)[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        assert get(lb.port, "/while-hung").status == 200
+        workers = wait_for(
+            lambda: (lambda ws: ws if ws[0]["pid"] not in (None, victim)
+                     and ws[0]["ready"] else None)(status(admin_port)["worker_processes"]),
+            15 + 5 + START_TIMEOUT, "the hung worker replaced")
+    finally:
+        if pid_alive(victim):
+            os.kill(victim, signal.SIGKILL)
+    assert workers[0]["restarts"] == 1
+    lb.wait_for_log("sent nothing for", 5)
