@@ -206,8 +206,8 @@ class WorkerProtocol(amp.AMP):
         call): stop accepting, let the requests in flight finish.
         """
         if self._drained is None:
-            if self._reporting is not None and self._reporting.running:
-                self._reporting.stop()
+            # Reports go on while draining (the master counts the requests
+            # that finish, and would think a silent worker hung).
             balancer = self.balancer
             self._drained = (defer.maybeDeferred(balancer.stopService)
                              if balancer is not None else defer.succeed(None))
@@ -223,6 +223,8 @@ class WorkerProtocol(amp.AMP):
     def connectionLost(self, reason: Any) -> None:
         if self.logs is not None:
             self.logs.channel = None
+        if self._reporting is not None and self._reporting.running:
+            self._reporting.stop()
         amp.AMP.connectionLost(self, reason)
         if self.reactor.running and not self._stopping:
             log.info("the master's channel closed: draining and exiting")

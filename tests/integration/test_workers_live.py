@@ -407,3 +407,27 @@ def test_a_hung_worker_is_killed_and_started_again(backend, balancer):
             os.kill(victim, signal.SIGKILL)
     assert workers[0]["restarts"] == 1
     lb.wait_for_log("sent nothing for", 5)
+
+
+def test_sigterm_to_one_worker_drains_it_and_it_is_started_again(backend, balancer):
+    """SIGTERM to a worker (not the master): its request in flight finishes
+    with 200, it exits, and the master starts it again."""
+    slow = backend("delay", DELAY_MS=2000)
+    lb, admin_port = start_workers(balancer, [slow])
+    clients = []
+    for i in range(6):  # on fresh connections: some land on each worker
+        client = RawClient(lb.port, timeout=30)
+        client.send(build_request("GET", f"/slow/{i}"))
+        clients.append(client)
+    wait_for(lambda: slow.counts("/slow/")["started"] == 6, 10, "the slow requests")
+    time.sleep(1.2)
+    busy = [w for w in status(admin_port)["worker_processes"]]
+    victim = max(busy, key=lambda w: w["requests"])["pid"]
+    os.kill(victim, signal.SIGTERM)
+    answers = [c.response().status for c in clients]
+    for c in clients:
+        c.close()
+    assert answers == [200] * 6
+    wait_for(lambda: not pid_alive(victim), 10, "the worker gone")
+    wait_ready(admin_port)
+    lb.wait_for_log(f"(pid {victim}) died (exit status 0)", 5)
