@@ -48,6 +48,15 @@ PENDING_LIMIT = 64 * 1024
 # without registering the backend as the client's producer.
 SMALL_RESPONSE = 64 * 1024
 
+# The phases of a ProxyExchange (see its docstring).
+WAITING = "WAITING"
+CHOOSING = "CHOOSING"
+QUEUED = "QUEUED"
+CONNECTING = "CONNECTING"
+SENT = "SENT"
+RESPONDING = "RESPONDING"
+DONE = "DONE"
+
 
 class Forwarder:
     """
@@ -138,6 +147,29 @@ class ProxyExchange:
 
     It is also the push producer registered with the client's transport
     while a response streams: a slow client pauses the backend.
+
+    @ivar _phase: where the exchange is in its life, one of:
+
+        - C{WAITING}: made by the front end, which has not called
+          C{start()} yet (the head is parsed; the body may be arriving,
+          kept in C{pending}).
+        - C{CHOOSING}: started; asking the pool for a backend (again, on
+          a retry).  Passed through synchronously.
+        - C{QUEUED}: every backend is at its C{max_conns}; waiting in the
+          pool's queue for C{backendFreed()} (or the queue timeout).
+        - C{CONNECTING}: a backend is chosen; waiting for a new
+          connection to it.
+        - C{SENT}: the head is with the backend (the body may still be
+          streaming to it); waiting for the response head.  A lost
+          connection or a timeout here may go back to C{CHOOSING}.
+        - C{RESPONDING}: the response head was passed to the client; the
+          body is streaming.
+        - C{DONE}: answered, failed, or the client left.  Final.
+
+    Facts that hold across phases are kept apart: C{bodyDone} (the client
+    sent its whole body), C{_producing} (registered as the client's
+    producer), C{_clientPaused}, C{_timedOutOnce} and C{_retriedFresh}
+    (retries already spent).
     """
 
     def __init__(self, forwarder: Forwarder, request: Any, server: Any) -> None:
@@ -155,10 +187,8 @@ class ProxyExchange:
         self.pendingSize = 0
         self.replay: Optional[list[bytes]] = []
         self.replaySize = 0
+        self._phase = WAITING
         self.bodyDone = False
-        self.started = False
-        self.finished = False
-        self.responded = False
         self.status = 0
         self.sentBytes = 0
         self.errors: list[str] = []
@@ -171,7 +201,6 @@ class ProxyExchange:
         self._timedOutOnce = False
         self._retriedFresh = False
         self._activeBackend: Optional[Backend] = None
-        self._queued = False
         self._sentAt = 0.0
         self._connectStart = 0.0
         self.connectTime: Optional[float] = None
@@ -184,15 +213,37 @@ class ProxyExchange:
         self.cookieValue: Optional[str] = None
         self.proxyHeader = b""  # -- tcp mode: the PROXY header, if sent
 
+    @property
+    def started(self) -> bool:
+        """
+        Whether the exchange has left C{WAITING}.
+        """
+        return self._phase is not WAITING
+
+    @property
+    def finished(self) -> bool:
+        """
+        Whether the exchange is C{DONE}.
+        """
+        return self._phase is DONE
+
+    @property
+    def responded(self) -> bool:
+        """
+        Whether a response head has been passed to the client (and the
+        exchange is not yet C{DONE}).
+        """
+        return self._phase is RESPONDING
+
     # -- from the client side
 
     def start(self) -> None:
         """
         The head is parsed (and the first body bytes checked): go.
         """
-        if self.finished:
+        if self._phase is not WAITING:
             return
-        self.started = True
+        self._phase = CHOOSING
         forwarder = self.forwarder
         forwarder.inFlight += 1
         request = self.request
@@ -221,7 +272,7 @@ class ProxyExchange:
 
     def bodyReceived(self, data: bytes) -> None:
         conn = self.conn
-        if conn is not None and self.started:
+        if conn is not None:
             conn.writeBody(data)
             self._keepForReplay(data)
         else:
@@ -233,7 +284,7 @@ class ProxyExchange:
     def bodyFinished(self) -> None:
         self.bodyDone = True
         conn = self.conn
-        if conn is not None and self.started:
+        if conn is not None:
             conn.finishBody()
             self._stopBodyProducer()
             self._startTimeout()
@@ -243,12 +294,12 @@ class ProxyExchange:
         The client left (or sent something unforwardable): stop the work
         done on its behalf and free what it held.
         """
-        if self.finished:
+        phase = self._phase
+        if phase is DONE:
             return
-        if not self.responded:
+        if phase is not RESPONDING:
             self.status = 499  # nginx's "client closed request"
-        if self._queued:
-            self._queued = False
+        if phase is QUEUED:
             self.forwarder.pool.dequeue(self)
         self._finish()
         if self._connecting is not None:
@@ -268,6 +319,7 @@ class ProxyExchange:
         or to the backend the pool picks.
         """
         forwarder = self.forwarder
+        self._phase = CHOOSING
         if self.backend is not None:
             forwarder.retries += 1
         if chosen is None:
@@ -297,6 +349,7 @@ class ProxyExchange:
         if conn is not None:
             self._connected(conn)
             return
+        self._phase = CONNECTING
         self._connectStart = forwarder.reactor.seconds()
         d = forwarder.upstreams.connect(backend, self.proxyHeader)
         self._connecting = d
@@ -305,12 +358,13 @@ class ProxyExchange:
 
     def _connected(self, conn: UpstreamConnection) -> None:
         self._connecting = None
-        if self.finished:
+        if self._phase is DONE:
             # The client left while we were connecting: keep the
             # connection for someone else.
             self.forwarder.upstreams.release(conn)
             return
         self.conn = conn
+        self._phase = SENT
         now = self.forwarder.reactor.seconds()
         self.connectTime = now - self._connectStart if not conn.reused else 0.0
         head = self._head
@@ -339,7 +393,7 @@ class ProxyExchange:
         C{backendTimeout} seconds to start its answer.
         """
         timeout = self.forwarder.backendTimeout
-        if timeout and not self.responded:
+        if timeout and self._phase is SENT:
             self._timeoutCall = self.forwarder.reactor.callLater(
                 timeout, self._timedOut
             )
@@ -347,7 +401,7 @@ class ProxyExchange:
     def _connectFailed(self, failure: Any, backend: Backend) -> None:
         self._connecting = None
         self._releaseBackend()
-        if self.finished or failure.check(CancelledError):
+        if self._phase is DONE or failure.check(CancelledError):
             return
         self._strike(backend)
         self.errors.append(f"{backend.address} {describe(failure.value)}")
@@ -422,7 +476,7 @@ class ProxyExchange:
     def _wait(self) -> None:
         forwarder = self.forwarder
         if forwarder.queueTimeout and forwarder.pool.enqueue(self):
-            self._queued = True
+            self._phase = QUEUED
             self._timeoutCall = forwarder.reactor.callLater(
                 forwarder.queueTimeout, self._queueTimedOut
             )
@@ -435,14 +489,12 @@ class ProxyExchange:
         The pool has room again: try to pick a backend (this exchange left
         the queue).
         """
-        self._queued = False
         self._cancelTimeout()
-        if not self.finished:
+        if self._phase is QUEUED:
             self._attempt(None)
 
     def _queueTimedOut(self) -> None:
         self._timeoutCall = None
-        self._queued = False
         self.forwarder.pool.dequeue(self)
         self._fail(
             503,
@@ -464,7 +516,7 @@ class ProxyExchange:
         length: Optional[int],
     ) -> None:
         self._armIdleTimeout()
-        self.responded = True
+        self._phase = RESPONDING
         self.replay = None
         self.status = status
         forwarder = self.forwarder
@@ -519,10 +571,11 @@ class ProxyExchange:
         self._stopProducing()
         backend = self.backend
         self._releaseBackend()
-        if self.finished:
+        phase = self._phase
+        if phase is DONE:
             return
         why = describe(getattr(reason, "value", reason))
-        if self.responded:
+        if phase is RESPONDING:
             # The head was counted a success; the body breaking off is
             # the backend's doing all the same.
             if backend is not None:
@@ -643,7 +696,7 @@ class ProxyExchange:
 
     def _timedOut(self) -> None:
         self._timeoutCall = None
-        if self.responded:
+        if self._phase is RESPONDING:
             self._bodyTimedOut()
             return
         backend = self.backend
@@ -720,7 +773,7 @@ class ProxyExchange:
         self.server.abortResponse()
 
     def _fail(self, status: int, message: str, retryAfter: bool = False) -> None:
-        if self.finished:
+        if self._phase is DONE:
             return
         log.warn(
             "{status} for {method} {target} from {peer}: {message}",
@@ -738,9 +791,10 @@ class ProxyExchange:
             self.server.sendError(status, message)
 
     def _finish(self) -> None:
-        if self.finished:
+        phase = self._phase
+        if phase is DONE:
             return
-        self.finished = True
+        self._phase = DONE
         self._cancelTimeout()
         self._releaseBackend()
         if self._suspects:
@@ -754,7 +808,7 @@ class ProxyExchange:
                 backends=", ".join(b.address for b in self._suspects),
             )
             self._suspects = []
-        if self.started:
+        if phase is not WAITING:
             self.forwarder.inFlight -= 1
         forwarder = self.forwarder
         accessLog = forwarder.accessLog
@@ -805,7 +859,7 @@ class ProxyExchange:
 
     def _bug(self, failure: Any) -> None:
         log.failure("unexpected error while forwarding", failure)
-        if not self.finished:
+        if self._phase is not DONE:
             self._fail(502, "internal error while forwarding")
 
 
