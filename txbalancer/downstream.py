@@ -18,19 +18,25 @@ The handler contract, for one request at a time on a connection::
 
 and the exchange answers through the server's C{sendContinue},
 C{startResponse}, C{writeBody}, C{finishResponse}, C{abortResponse} and
-C{sendError}.
+C{sendError}; and, HTTP/1.1 only (L{IHTTP11Downstream}), C{sendInterim}
+(a 1xx such as 103 Early Hints), C{setTrailers}, and C{switchProtocols}
+with C{attachTunnel} (a WebSocket upgrade the backend accepted: from then
+on the connection is one side of a L{txbalancer.tunnel.Tunnel}, with no
+HTTP parsing and no client timeout).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from txbalancer.framing import CRLF, ChunkedDecoder, FramingError
-from txbalancer.interfaces import IDownstream, IFrontEndConnection
+from txbalancer.interfaces import IDownstream, IFrontEndConnection, IHTTP11Downstream
+from txbalancer.tunnel import A
 from txbalancer.request import BadRequest, Request, parseHead
 
 __all__ = [
@@ -50,6 +56,8 @@ NO_BODY_STATUSES = frozenset([204, 304])
 
 REASONS = {
     100: b"Continue",
+    101: b"Switching Protocols",
+    103: b"Early Hints",
     200: b"OK",
     400: b"Bad Request",
     408: b"Request Timeout",
@@ -64,11 +72,11 @@ REASONS = {
     505: b"HTTP Version Not Supported",
 }
 
-# Parser states.
-_HEAD, _BODY, _CHUNKED, _DONE = range(4)
+# Parser states; _TUNNEL: the connection was handed to a tunnel.
+_HEAD, _BODY, _CHUNKED, _DONE, _TUNNEL = range(5)
 
 
-@implementer(IDownstream, IFrontEndConnection)
+@implementer(IDownstream, IHTTP11Downstream, IFrontEndConnection)
 class HTTPServerProtocol(Protocol):
     """
     One client connection, one request at a time (pipelined requests wait
@@ -94,6 +102,8 @@ class HTTPServerProtocol(Protocol):
         self._processing = False
         self._again = False
         self._clientCert: Any = False
+        self._trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self.tunnel: Any = None
         self.peer = ""
         self.addresses: Any = None
         self.secure = False
@@ -113,6 +123,9 @@ class HTTPServerProtocol(Protocol):
         self._disconnected = True
         self.factory.connections.discard(self)
         self._cancelTimeout()
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.connectionLost(A, reason)
         exchange = self._exchange
         if exchange is not None:
             self._exchange = None
@@ -171,6 +184,10 @@ class HTTPServerProtocol(Protocol):
                 self.transport.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.dataReceived(A, data)
+            return
         if self._buffer:
             self._buffer += data
         else:
@@ -215,6 +232,8 @@ class HTTPServerProtocol(Protocol):
         factory = self.factory
         while self._buffer and not self._disconnected:
             state = self._state
+            if state == _TUNNEL:
+                return
             if state == _HEAD:
                 buf = self._buffer
                 if buf[:2] == CRLF:
@@ -336,6 +355,86 @@ class HTTPServerProtocol(Protocol):
         if not self._responding and not self._disconnected:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def sendInterim(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """
+        Pass on an interim (1xx) response such as 103 Early Hints, to an
+        HTTP/1.1 client (RFC 9110 15.2: never to an HTTP/1.0 one).
+        """
+        request = self._request
+        if (
+            self._responding
+            or self._disconnected
+            or request is None
+            or request.version != b"HTTP/1.1"
+        ):
+            return
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown"))]
+        for name, value in headers:
+            lines.append(name + b": " + value + CRLF)
+        lines.append(CRLF)
+        self.transport.write(b"".join(lines))
+
+    def setTrailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        Trailer fields to end the chunked response with: written only when
+        the client said it accepts them (C{TE: trailers}), dropped otherwise.
+        """
+        request = self._request
+        if request is not None and request.teTrailers:
+            self._trailers = trailers
+
+    def switchProtocols(
+        self, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[Any, bytes]:
+        """
+        The backend accepted the upgrade: write the C{101} head (C{headers}
+        are end-to-end; C{Connection: Upgrade} and the client's C{Upgrade}
+        are added), stop parsing HTTP, stop the client timeout and every
+        pause, and hand over the transport.
+
+        @return: the transport, and the bytes already read past the
+            request's head (the first frames the client sent at once).
+        """
+        request = self._request
+        self._state = _TUNNEL
+        self._pendingStart = False
+        self._exchange = None
+        self._responding = True
+        self._cancelTimeout()
+        lines = [b"HTTP/1.1 101 " + (reason or REASONS[101]) + CRLF]
+        for name, value in headers:
+            lines.append(name + b": " + value + CRLF)
+        lines.append(b"Connection: Upgrade\r\n")
+        for name, value in request.headers:
+            if name.lower() == b"upgrade":
+                lines.append(b"Upgrade: " + value + CRLF)
+        lines.append(CRLF)
+        self.transport.write(b"".join(lines))
+        if self._pauses:
+            self._pauses.clear()
+            self.transport.resumeProducing()
+        buffered, self._buffer = self._buffer, b""
+        return self.transport, buffered
+
+    def attachTunnel(self, tunnel: Any) -> None:
+        """
+        From now on what the client sends, its half-close and its leaving
+        go to C{tunnel} as its side C{A}.
+        """
+        self.tunnel = tunnel
+        alsoProvides(self, IHalfCloseableProtocol)
+
+    # IHalfCloseableProtocol, provided once a tunnel is attached.
+
+    def readConnectionLost(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.readConnectionLost(A)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
     def startResponse(
         self,
         status: int,
@@ -412,7 +511,16 @@ class HTTPServerProtocol(Protocol):
         next request on this connection or close it.
         """
         if self._chunkedResponse and self._bodyAllowed:
-            self.transport.write(b"0\r\n\r\n")
+            trailers, self._trailers = self._trailers, None
+            if trailers:
+                self.transport.write(
+                    b"0\r\n"
+                    + b"".join(n + b": " + v + CRLF for n, v in trailers)
+                    + CRLF
+                )
+            else:
+                self.transport.write(b"0\r\n\r\n")
+        self._trailers = None
         self._exchange = None
         self._request = None
         self._responding = False

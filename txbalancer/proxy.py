@@ -7,6 +7,13 @@ A L{Forwarder} is the handler an L{txbalancer.downstream.HTTPServerFactory}
 calls for each request; it makes a L{ProxyExchange}, which lives for that
 one request and talks to the client side (the server protocol) and the
 backend side (an L{txbalancer.upstream.UpstreamConnection}).
+
+A WebSocket handshake (C{request.websocket}, HTTP/1.1 only) is forwarded
+with its C{Upgrade} and C{Connection: Upgrade}; when the backend answers
+C{101}, the client's connection and the backend's are handed over to a
+L{txbalancer.tunnel.Tunnel}, which relays them byte for byte until either
+side ends.  The tunnel stays in flight on its backend (least-conn counts
+it, a removed backend waits for it) until it closes.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
@@ -28,7 +36,8 @@ from txbalancer.headers import (
     forwardedHeaders,
     isTrusted,
 )
-from txbalancer.interfaces import IExchange
+from txbalancer.interfaces import IExchange, IHTTP11Downstream
+from txbalancer.tunnel import A, B, Tunnel
 from txbalancer.upstream import UpstreamConnection
 
 log = Logger()
@@ -55,7 +64,15 @@ QUEUED = "QUEUED"
 CONNECTING = "CONNECTING"
 SENT = "SENT"
 RESPONDING = "RESPONDING"
+TUNNEL = "TUNNEL"
 DONE = "DONE"
+
+# Trailer fields never passed on (RFC 9110 6.5.1: framing, routing and
+# authentication are not a trailer's to set); hop-by-hop ones go anyway.
+TRAILER_DROP = frozenset(
+    [b"host", b"content-type", b"content-encoding", b"content-range",
+     b"authorization", b"set-cookie", b"cache-control", b"expect"]
+)
 
 
 class Forwarder:
@@ -67,6 +84,8 @@ class Forwarder:
     @param trustedProxies: networks whose X-Forwarded-For is believed.
     @param backendTimeout: seconds to wait for a response head.
     @param accessLog: an L{txbalancer.accesslog.AccessLog}, or L{None}.
+    @param tunnelIdleTimeout: seconds a WebSocket tunnel may carry no byte
+        either way before both sides are closed (C{--tunnel-idle-timeout}).
 
     @ivar inFlight: requests started and not yet finished.
     @ivar retries: attempts after a request's first (another backend, or a
@@ -87,8 +106,10 @@ class Forwarder:
         hsts: Optional[int] = None,
         redirectHttps: bool = False,
         httpsPort: Optional[int] = None,
+        tunnelIdleTimeout: Optional[float] = 3600.0,
     ) -> None:
         self.pool = pool
+        self.tunnelIdleTimeout = tunnelIdleTimeout
         self.httpsPort = httpsPort
         self.hsts = (
             (b"Strict-Transport-Security", b"max-age=%d" % (hsts,))
@@ -164,6 +185,8 @@ class ProxyExchange:
           connection or a timeout here may go back to C{CHOOSING}.
         - C{RESPONDING}: the response head was passed to the client; the
           body is streaming.
+        - C{TUNNEL}: the backend accepted a WebSocket upgrade (C{101});
+          both connections are spliced by C{tunnel} until one side ends.
         - C{DONE}: answered, failed, or the client left.  Final.
 
     Facts that hold across phases are kept apart: C{bodyDone} (the client
@@ -212,6 +235,7 @@ class ProxyExchange:
         self.clientKey: Optional[str] = None
         self.cookieValue: Optional[str] = None
         self.proxyHeader = b""  # -- tcp mode: the PROXY header, if sent
+        self.tunnel: Optional[Tunnel] = None
 
     @property
     def started(self) -> bool:
@@ -372,7 +396,9 @@ class ProxyExchange:
             head = self._head = self._buildHead(conn.backend)
         request = self.request
         self._sentAt = now
-        conn.sendRequest(head, self, request.method == b"HEAD", request.chunked)
+        conn.sendRequest(
+            head, self, request.method == b"HEAD", request.chunked, request.websocket
+        )
         if self.pending:
             pending, self.pending = self.pending, []
             self.pendingSize = 0
@@ -433,6 +459,9 @@ class ProxyExchange:
         if request.teTrailers:
             # TE is hop-by-hop, but "trailers" in it is kept (DESIGN.md).
             lines.append(b"TE: trailers\r\n")
+        if request.websocket:
+            # Hop-by-hop, but the point of a WebSocket handshake.
+            lines.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
         if request.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         elif request.contentLength is not None:
@@ -507,6 +536,102 @@ class ProxyExchange:
     def upstreamContinue(self) -> None:
         if self.request.expectContinue and not self.bodyDone:
             self.server.sendContinue()
+
+    def upstreamInterim(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """
+        An interim response other than 100 (103 Early Hints): passed on
+        to an HTTP/1.1 client; other front ends drop it.
+        """
+        server = self.server
+        if IHTTP11Downstream.providedBy(server):
+            server.sendInterim(status, reason, endToEnd(headers))
+
+    def responseTrailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        The chunked response ended with trailer fields: passed on to a
+        client that accepts them (the front end decides), minus the ones a
+        trailer may not carry.
+        """
+        server = self.server
+        if IHTTP11Downstream.providedBy(server):
+            kept = endToEnd(trailers, TRAILER_DROP)
+            if kept:
+                server.setTrailers(kept)
+
+    def upstreamSwitched(
+        self, reason: bytes, headers: list[tuple[bytes, bytes]], buffered: bytes
+    ) -> None:
+        """
+        The backend answered the WebSocket handshake with C{101}: splice
+        the two connections.  C{buffered} is what the backend sent past the
+        101's head (its first frames).
+        """
+        conn, self.conn = self.conn, None
+        self._cancelTimeout()
+        self._stopBodyProducer()
+        self._stopProducing()
+        self._phase = TUNNEL
+        self.replay = None
+        self.status = 101
+        forwarder = self.forwarder
+        backend = self.backend
+        pool = forwarder.pool
+        pool.attemptFinished(backend, True)
+        now = forwarder.reactor.seconds()
+        self.firstByteTime = now - self._sentAt
+        pool.observe(backend, self.firstByteTime)
+        backend.stats.record(101, self.firstByteTime, now)
+        headers = endToEnd(headers)
+        if forwarder.stickyCookie is not None:
+            value = pool.cookieFor(backend)
+            if value != self.cookieValue:
+                headers.append((b"Set-Cookie", _setCookie(
+                    forwarder.stickyCookie, value, self.request.secure)))
+        clientTransport, clientBuffered = self.server.switchProtocols(reason, headers)
+        tunnel = self.tunnel = Tunnel(
+            clientTransport,
+            conn.transport,
+            forwarder.reactor,
+            idleTimeout=forwarder.tunnelIdleTimeout,
+            onClose=self._tunnelClosed,
+            backend=backend,
+        )
+        self.server.attachTunnel(tunnel)
+        conn.attachTunnel(tunnel)
+        log.debug(
+            "{peer} {target}: WebSocket tunnel to {backend} open",
+            peer=self.request.peer,
+            target=self.target.decode("latin-1"),
+            backend=backend.address,
+        )
+        if buffered:
+            tunnel.dataReceived(B, buffered)
+        if clientBuffered:
+            tunnel.dataReceived(A, clientBuffered)
+
+    def _tunnelClosed(self, tunnel: Tunnel, side: Optional[int], reason: Any) -> None:
+        """
+        The first side of the tunnel went (or it idled out): the other is
+        closing, and the tunnel no longer counts against its backend.
+        """
+        self.sentBytes = tunnel.bytesBtoA
+        backend = self.backend
+        if (
+            side == B
+            and backend is not None
+            and reason is not None
+            and not reason.check(ConnectionDone)
+        ):
+            backend.failures += 1
+            log.info(
+                "backend {backend} reset the WebSocket tunnel of {peer}: {why}",
+                backend=backend.address,
+                peer=self.request.peer,
+                why=reason.getErrorMessage(),
+            )
+        self._finish()
 
     def responseHead(
         self,
