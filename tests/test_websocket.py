@@ -224,6 +224,37 @@ class CountingTests(TunnelMixin, SynchronousTestCase):
         second = lb.pendingConnects()[0].port
         self.assertNotEqual(first, second)
 
+    def test_ip_hash_applies(self) -> None:
+        """With ip-hash, a client's handshakes always reach the same backend."""
+        lb = InMemoryBalancer(
+            ["127.0.0.1:3001", "127.0.0.1:3002", "127.0.0.1:3003"], strategy="ip-hash"
+        )
+        ports = set()
+        for n in range(4):
+            client = lb.client(peer="198.51.100.9", port=40000 + n)
+            client.send(HANDSHAKE)
+            (attempt,) = lb.pendingConnects()
+            ports.add(attempt.port)
+            lb.acceptConnect().respond(SWITCH)
+        self.assertEqual(len(ports), 1)
+
+    def test_graceful_stop_closes_tunnels_at_drain_timeout(self) -> None:
+        """A graceful stop of the whole balancer keeps a tunnel relaying until the drain timeout, then closes it and finishes."""
+        lb = InMemoryBalancer(["127.0.0.1:3001"], drainTimeout=20)
+        client, backend = self.openTunnel(lb)
+        d = lb.balancer.stopService()
+        lb.reactor.advance(19)
+        client.send(b"late")
+        self.assertEqual(backend.received(), b"late")
+        self.assertNoResult(d)
+        lb.reactor.advance(2)
+        self.assertTrue(client.closed)
+        client.transport.deliverLoss()
+        self.assertTrue(backend.closed)
+        backend.transport.deliverLoss()
+        lb.reactor.advance(10)
+        self.successResultOf(d)
+
     def test_status_in_flight(self) -> None:
         """The admin status shows an open tunnel as in flight on its backend."""
         from txbalancer.admin.status import balancerStatus

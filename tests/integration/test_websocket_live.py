@@ -284,3 +284,21 @@ def test_http11_details_raw(script, balancer):
     got = _raw(lb.port, b"GET /cut HTTP/1.1\r\nHost: h\r\n\r\n")
     head, _, body = got.partition(b"\r\n\r\n")
     assert b"Content-Length: 10" in head and len(body) < 10
+
+
+def test_graceful_stop_closes_tunnel_last(script, balancer):
+    """On SIGTERM an open tunnel goes on relaying through the drain, then is closed, and twistd exits 0."""
+    import signal
+
+    ws = script("wsbackend")
+    lb = balancer([ws], "--no-health-checks", "--drain-timeout", "5")
+    with ws_connect(f"ws://{HOST}:{lb.port}/a", open_timeout=15, compression=None) as kept:
+        assert kept.recv(timeout=15) == "path /a"
+        os.kill(lb.pid, signal.SIGTERM)
+        lb.wait_for_log("stopping", 15)
+        kept.send("during the drain")
+        assert kept.recv(timeout=15) == "during the drain"
+        with pytest.raises(websockets.ConnectionClosed):
+            kept.recv(timeout=30)
+    assert lb.proc.wait(30) == 0
+    assert "drain timeout" in lb.log_text()
