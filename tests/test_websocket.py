@@ -347,3 +347,20 @@ class RefusedUpgradeTests(SynchronousTestCase):
         self.assertEqual(head.lower().count(b"\r\nhost:"), 1)
         self.assertIn(b"Host: good.example\r\n", head)
         self.assertNotIn(b"evil", head)
+
+
+class ResourceTests(SynchronousTestCase):
+    def test_resource_forwards_handshake_as_plain_request(self) -> None:
+        """Through balancer.resource() a handshake reaches the backend without Upgrade (twisted.web cannot hand the connection over), and a 101 is 502."""
+        from test_resource import WebBalancer
+
+        lb = WebBalancer(["127.0.0.1:3001"])
+        client = lb.client()
+        client.send(HANDSHAKE.replace(b"GET /chat", b"GET /api/chat"))
+        backend = lb.acceptConnect()
+        sent = backend.received()
+        self.assertTrue(sent.startswith(b"GET /chat?room=1 HTTP/1.1\r\n"), sent)
+        self.assertNotIn(b"upgrade", sent.lower())
+        self.assertIn(b"sec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n", sent.lower())
+        backend.respond(SWITCH)
+        self.assertIn(b" 502 ", client.received().split(b"\r\n", 1)[0])
