@@ -98,7 +98,7 @@ class HandshakeTests(TunnelMixin, SynchronousTestCase):
         self.assertTrue(client.received().endswith(b"\r\n\r\n\x81\x01b"))
 
     def test_refused_handshake_is_a_normal_response(self) -> None:
-        """A backend that answers the handshake with 403 gives the client that 403, and its connection is not reused."""
+        """A backend that answers the handshake with 403 gives the client that 403; neither connection is reused (what follows a handshake may be frames)."""
         lb = InMemoryBalancer(["127.0.0.1:3001"])
         client = lb.client()
         client.send(HANDSHAKE)
@@ -106,6 +106,8 @@ class HandshakeTests(TunnelMixin, SynchronousTestCase):
         backend.respond(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
         self.assertTrue(client.received().startswith(b"HTTP/1.1 403 Forbidden\r\n"))
         self.assertTrue(client.received().endswith(b"\r\n\r\nno"))
+        self.assertIn(b"\r\nConnection: close\r\n", client.received())
+        self.assertTrue(client.closed)
         self.assertTrue(backend.closed)
         self.assertEqual(lb.upstreams.idleCount(lb.backend("127.0.0.1:3001")), 0)
 

@@ -457,7 +457,9 @@ class HTTPServerProtocol(Protocol):
             # cannot tell where the next request would start without
             # reading the rest, so this connection ends with the response.
             self._keepAlive = False
-        if self.factory.draining:
+        if self.factory.draining or request.websocket:
+            # A refused WebSocket handshake: what the client sent after it
+            # may be frames, never to be read as the next request.
             self._keepAlive = False
         http11 = request.version == b"HTTP/1.1"
         lines = [
