@@ -257,6 +257,22 @@ class CountingTests(TunnelMixin, SynchronousTestCase):
         lb.reactor.advance(10)
         self.successResultOf(d)
 
+    def test_access_log_line_when_tunnel_closes(self) -> None:
+        """A tunnel writes its access log line when it closes: status 101 and the bytes relayed to the client."""
+        import io
+
+        from txbalancer.accesslog import AccessLog
+
+        lb = InMemoryBalancer(["127.0.0.1:3001"])
+        stream = io.StringIO()
+        lb.forwarder.accessLog = AccessLog(stream, lb.reactor.seconds, "combined")
+        client, backend = self.openTunnel(lb)
+        backend.respond(b"12345")
+        self.assertEqual(stream.getvalue(), "")
+        client.transport.peerCloses()
+        (line,) = stream.getvalue().splitlines()
+        self.assertIn('"GET /chat?room=1 HTTP/1.1" 101 5 ', line)
+
     def test_status_in_flight(self) -> None:
         """The admin status shows an open tunnel as in flight on its backend."""
         from txbalancer.admin.status import balancerStatus
