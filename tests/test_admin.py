@@ -489,6 +489,21 @@ class APITests(AdminCase):
         self.assertEqual(self.json("GET", "/reload")[0], 405)
 
 
+    def test_reload_says_what_changed(self) -> None:
+        """POST /reload answers what the reload changed: backends added, removed and reweighted per pool."""
+        from txbalancer.config import parse_backends
+        from txbalancer.settings import PoolConfig, build
+
+        config = build([PoolConfig(backends=parse_backends(
+            "127.0.0.1:3001 weight=3\n127.0.0.1:3009\n"))], {})
+        self.lb.balancer.reloader = lambda: config
+        code, body = self.json("POST", "/reload")
+        self.assertEqual(code, 200)
+        self.assertEqual(body["pools_changed"], {"default": {
+            "added": ["127.0.0.1:3009"], "removed": ["127.0.0.1:3002"],
+            "changed": ["127.0.0.1:3001"], "settings": []}})
+        self.assertEqual((body["pools_added"], body["routes_changed"]), ([], False))
+
     def test_reload_undoes_drain_and_disable(self) -> None:
         """Run-time drains and disables last until the next reload."""
         self.json("POST", "/backends/127.0.0.1:3001/drain")

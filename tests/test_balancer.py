@@ -268,12 +268,14 @@ class RoutingTests(SynchronousTestCase):
         self.assertTrue(sent.startswith(b"GET /apix HTTP/1.1\r\n"))
 
     def test_handler_is_the_router(self) -> None:
-        """With routes the handler is the router; without, it is the one pool's forwarder itself."""
+        """With routes the handler hands requests to the router; without, to the one pool's forwarder itself."""
         from txbalancer.balancer import Router
 
-        self.assertIsInstance(self.lb.balancer.handler, Router)
+        self.assertIsInstance(self.lb.balancer.handler.current, Router)
+        self.assertIs(self.lb.balancer.router, self.lb.balancer.handler.current)
         plain = InMemoryBalancer(["127.0.0.1:3001"])
-        self.assertIs(plain.balancer.handler, plain.forwarder)
+        self.assertIs(plain.balancer.handler.current, plain.forwarder)
+        self.assertIsNone(plain.balancer.router)
 
 
 class NotFoundTests(SynchronousTestCase):

@@ -258,12 +258,28 @@ def test_unknown_flag():
         ("tls_verify=maybe", "bad value for tls_verify"),
         ("tls_verify", "bad value for tls_verify"),
         ("backup=yes", "'backup' is a bare word"),
+        ("priority=101", "bad value for priority"),
+        ("priority=-1", "bad value for priority"),
+        ("priority", "flag 'priority' needs a value"),
+        ("backup priority=2", "give either 'backup' or 'priority=N'"),
+        ("priority=2 backup", "give either 'backup' or 'priority=N'"),
     ],
 )
 def test_bad_flag_value(flag, expect):
     """A flag with a bad or missing value is an error naming the flag and what it wants."""
     err = error_of(f"a:1 {flag}")
     assert str(err).startswith(f"backends.txt:1: {expect}")
+
+
+def test_priority_levels():
+    """priority=N sets a backend's level; backup is priority 1; any level above 0 is a backup."""
+    plain, backup, second, zero = parse_backends(
+        "a:1\nb:2 backup\nc:3 priority=2\nd:4 priority=0\n", "b.txt"
+    )
+    assert [(s.priority, s.backup) for s in (plain, backup, second, zero)] == [
+        (0, False), (1, True), (2, True), (0, False)
+    ]
+    assert backup == BackendSpec("b", 2, priority=1, filename="b.txt", lineno=2)
 
 
 def test_duplicate_backend():

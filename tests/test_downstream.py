@@ -610,8 +610,8 @@ class TimeoutTests(ServerMixin, SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"")
 
     def test_no_timeout(self) -> None:
-        """clientTimeout=None never schedules a timeout."""
-        self.setUpServer(clientTimeout=None)
+        """clientTimeout=None and headerTimeout=None never schedule a timeout."""
+        self.setUpServer(clientTimeout=None, headerTimeout=None)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 

@@ -6,6 +6,7 @@ an h2 client state machine on the other side.  No sockets, no real time.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import h2.events
 import h2.exceptions
 import pytest
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 
 from txbalancer.downstream import HTTPServerProtocol
 from txbalancer.h2 import H2ProxyConnection, NegotiatingFactory
@@ -33,30 +35,55 @@ class H2Client:
     L{FakeTransport}.
     """
 
-    def __init__(self, balancer: InMemoryBalancer, **kw) -> None:
+    def __init__(
+        self,
+        balancer: InMemoryBalancer,
+        lenient: bool = False,
+        serverValidates: bool = True,
+        **kw,
+    ) -> None:
+        """
+        @param lenient: the client sends header blocks as given, unchecked
+            and unnormalised (to send malformed requests).
+        @param serverValidates: whether the server's h2 state machine
+            checks inbound headers itself (Twisted's default), or leaves
+            every check to the balancer.
+        """
         self.balancer = balancer
         self.reactor = balancer.reactor
         self.server = H2ProxyConnection(balancer.factory, balancer.reactor, **kw)
+        self.server.conn.config.validate_inbound_headers = serverValidates
         self.transport = FakeTransport()
         self.transport.protocol = self.server
         balancer._transports.append(self.transport)
         self.server.makeConnection(self.transport)
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        if lenient:
+            config.validate_outbound_headers = False
+            config.normalize_outbound_headers = False
+        self.conn = h2.connection.H2Connection(config)
         self.conn.initiate_connection()
         self.events: list = []
         self.flush()
 
     def pump(self) -> None:
         """
-        Run the server's sending loop until it has nothing due.
+        Run the server's sending loop until it has nothing due.  The calls
+        are run one at a time (as C{Clock.advance} does, which would never
+        return from a loop that keeps rescheduling itself), so a busy loop
+        fails the test instead of hanging it.
         """
-        for _ in range(1000):
-            if not any(c.getTime() <= self.reactor.seconds()
-                       for c in self.reactor.getDelayedCalls()):
-                break
-            self.reactor.advance(0)
+        reactor = self.reactor
+        for _ in range(10000):
+            now = reactor.seconds()
+            due = [c for c in reactor.getDelayedCalls() if c.getTime() <= now]
+            if not due:
+                return
+            call = min(due, key=lambda c: c.getTime())
+            reactor.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+        raise AssertionError("the server's sending loop never settles")
 
     def flush(self) -> list:
         """
@@ -88,6 +115,42 @@ class H2Client:
         self.flush()
         return sid
 
+    def send(self, headers, body=None, end=True, trailers=None):
+        """
+        Open a stream with exactly C{headers} (pseudo-headers included),
+        then the body in one DATA frame and trailers, if given.
+        """
+        sid = self.conn.get_next_available_stream_id()
+        last = body is None and trailers is None
+        self.conn.send_headers(sid, headers, end_stream=end and last)
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=end and trailers is None)
+        if trailers is not None:
+            self.conn.send_headers(sid, trailers, end_stream=end)
+        self.flush()
+        return sid
+
+    def goaway(self):
+        """
+        The error code of the GOAWAY the server sent, or L{None}.
+        """
+        ended = [e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)]
+        return ended[0].error_code if ended else None
+
+    def status(self, sid):
+        """
+        The response status on stream C{sid} as an int, or L{None}.
+        """
+        responses = self.of(sid, h2.events.ResponseReceived)
+        return int(dict(responses[0].headers)[b":status"]) if responses else None
+
+    def reset(self, sid):
+        """
+        The error code the server reset stream C{sid} with, or L{None}.
+        """
+        resets = self.of(sid, h2.events.StreamReset)
+        return resets[0].error_code if resets else None
+
     def of(self, sid, kind):
         return [e for e in self.events if isinstance(e, kind)
                 and getattr(e, "stream_id", sid) == sid]
@@ -97,6 +160,45 @@ class H2Client:
         body = b"".join(e.data for e in self.of(sid, h2.events.DataReceived))
         ended = bool(self.of(sid, h2.events.StreamEnded))
         return headers, body, ended
+
+
+def request(path=b"/", method=b"GET", authority=AUTHORITY, scheme=b"https"):
+    """
+    The pseudo-header fields of a request, in the usual order.
+    """
+    return [(b":method", method), (b":scheme", scheme), (b":authority", authority),
+            (b":path", path)]
+
+
+class LogWatch:
+    """
+    Collects what is logged while it is installed; L{failures} lists the
+    events at level error or critical and those with a traceback.
+    """
+
+    def __init__(self, collect: bool = True) -> None:
+        """
+        @param collect: run the garbage collector on the way out, so that
+            unhandled errors in Deferreds (logged when collected) count.
+        """
+        self.events: list = []
+        self.collect = collect
+
+    def __enter__(self) -> LogWatch:
+        globalLogPublisher.addObserver(self.events.append)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.collect:
+            gc.collect()
+        globalLogPublisher.removeObserver(self.events.append)
+
+    def failures(self) -> list:
+        return [
+            e for e in self.events
+            if e.get("log_failure") is not None
+            or e.get("log_level") in (LogLevel.error, LogLevel.critical)
+        ]
 
 
 @pytest.fixture
@@ -464,6 +566,9 @@ from txbalancer.testing import backendSpecs
 from txbalancer.upstream import UpstreamPool
 
 config = json.loads(sys.argv[1])
+from twisted.logger import globalLogBeginner, textFileLogObserver
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+                                  redirectStandardIO=False)
 
 class App(resource.Resource):
     isLeaf = True
@@ -499,6 +604,8 @@ def h2server(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", BALANCER, json.dumps({"cert": [spec.cert, spec.key]})],
         stdout=subprocess.PIPE,
+        # The balancer's log, for tests that look for errors in it.
+        stderr=open(tmp_path / "balancer.log", "wb"),  # noqa: SIM115
         env=dict(os.environ, PYTHONPATH=ROOT),
         text=True,
     )
@@ -612,3 +719,201 @@ def test_rapidResetOverTLS(h2server):
     assert goaways and goaways[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     result = _curl(port, ca, "--http2", f"https://a.example:{port}/after")
     assert result.stdout == b"hello https /after"
+
+
+def _exchange(sock, conn, events, done):
+    """
+    Send what C{conn} has queued and read into C{events} until C{done()}
+    (bounded by the socket timeout and a count of reads).
+    """
+    sock.sendall(conn.data_to_send())
+    for _ in range(1000):
+        if done():
+            return
+        data = sock.recv(65536)
+        assert data, "the balancer closed the connection"
+        events += conn.receive_data(data)
+        sock.sendall(conn.data_to_send())
+    raise AssertionError("no answer")
+
+
+@pytest.mark.integration
+def test_validationAndNegativeWindowOverTLS(h2server, tmp_path):
+    """Over real TLS: the issue's :method reproduction gets 400, a window
+    made negative by lowered settings completes once raised again, and the
+    balancer logs no traceback."""
+    import socket
+    import ssl
+
+    from h2.settings import SettingCodes
+
+    port, ca = h2server
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.set_alpn_protocols(["h2"])
+    config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+    config.validate_outbound_headers = False
+    conn = h2.connection.H2Connection(config)
+    conn.initiate_connection()
+    conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 100})
+    events: list = []
+
+    def of(sid, kind):
+        return [e for e in events if isinstance(e, kind)
+                and getattr(e, "stream_id", None) == sid]
+
+    def data(sid):
+        return b"".join(e.data for e in of(sid, h2.events.DataReceived))
+
+    def head(method, path):
+        return [(b":method", method), (b":scheme", b"https"),
+                (b":authority", b"a.example"), (b":path", path)]
+
+    raw = socket.create_connection(("127.0.0.1", port), timeout=BOUND)
+    with raw, ctx.wrap_socket(raw, server_hostname="a.example") as s:
+        assert s.selected_alpn_protocol() == "h2"
+        conn.send_headers(1, head(b"GET /admin HTTP/1.1", b"/public"), end_stream=True)
+        _exchange(s, conn, events, lambda: of(1, h2.events.StreamEnded))
+        assert dict(of(1, h2.events.ResponseReceived)[0].headers)[b":status"] == b"400"
+
+        path = b"/" + b"x" * 400
+        conn.send_headers(3, head(b"GET", path), end_stream=True)
+        _exchange(s, conn, events, lambda: len(data(3)) >= 100)
+        acked = len([e for e in events if isinstance(e, h2.events.SettingsAcknowledged)])
+        conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        _exchange(s, conn, events, lambda: len(
+            [e for e in events if isinstance(e, h2.events.SettingsAcknowledged)]) > acked)
+        assert len(data(3)) == 100
+        conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+        _exchange(s, conn, events, lambda: of(3, h2.events.StreamEnded))
+        assert data(3) == b"hello https " + path
+
+        conn.send_headers(5, head(b"GET", b"/after"), end_stream=True)
+        _exchange(s, conn, events, lambda: of(5, h2.events.StreamEnded))
+        assert data(5) == b"hello https /after"
+    log = (tmp_path / "balancer.log").read_text()
+    assert "refused HTTP/2 request" in log  # the log is really read
+    assert "Traceback" not in log and "Unhandled" not in log, log
+
+
+class _StubStreamServer:
+    """What _WriteDeadline sees of an H2StreamServer."""
+
+    def __init__(self, reactor, timeout):
+        class Factory:
+            clientTimeout = timeout
+            counters: dict = {}
+
+        class Connection:
+            peer = "192.0.2.9"
+            factory = Factory()
+
+        class StreamRequest:
+            lost = False
+
+            def connectionLost(self, reason):
+                self.lost = True
+
+        class Stream:
+            _request = StreamRequest()
+
+        self.connection = Connection()
+        self.connection._reactor = reactor
+        self.stream = Stream()
+        self.streamID = 1
+        self.aborted = False
+        self.active = True
+
+    def _active(self):
+        return self.active
+
+    def abortResponse(self):
+        self.aborted = True
+
+
+class _Producer:
+    def __init__(self):
+        self.calls = []
+
+    def pauseProducing(self):
+        self.calls.append("pause")
+
+    def resumeProducing(self):
+        self.calls.append("resume")
+
+    def stopProducing(self):
+        self.calls.append("stop")
+
+
+def test_writeDeadlineResetsStalledStream():
+    """A stream paused (its window shut) for --client-timeout is reset and its
+    exchange told the client is gone; the producer is paused meanwhile."""
+    from twisted.internet.task import Clock
+
+    from txbalancer.h2 import _WriteDeadline
+
+    clock = Clock()
+    server = _StubStreamServer(clock, 5)
+    producer = _Producer()
+    guard = _WriteDeadline(producer, server)
+    guard.pauseProducing()
+    assert producer.calls == ["pause"]
+    clock.advance(4.9)
+    assert not server.aborted
+    clock.advance(0.2)
+    assert server.aborted and server.stream._request.lost
+    assert server.connection.factory.counters["write_timeout"] == 1
+
+
+def test_writeDeadlineCancelledByWindowUpdate():
+    """A stream whose window opens again within --client-timeout is not reset,
+    however often it is paused."""
+    from twisted.internet.task import Clock
+
+    from txbalancer.h2 import _WriteDeadline
+
+    clock = Clock()
+    server = _StubStreamServer(clock, 5)
+    producer = _Producer()
+    guard = _WriteDeadline(producer, server)
+    for _ in range(10):
+        guard.pauseProducing()
+        clock.advance(4)
+        guard.resumeProducing()
+    assert not server.aborted
+    assert clock.getDelayedCalls() == []
+    guard.pauseProducing()
+    guard._cancel()  # unregistered: the response is over
+    clock.advance(10)
+    assert not server.aborted
+
+
+def test_writeDeadlineIgnoresFinishedStream():
+    """The deadline does nothing to a stream that has already ended."""
+    from twisted.internet.task import Clock
+
+    from txbalancer.h2 import _WriteDeadline
+
+    clock = Clock()
+    server = _StubStreamServer(clock, 5)
+    guard = _WriteDeadline(_Producer(), server)
+    guard.pauseProducing()
+    server.active = False
+    clock.advance(5)
+    assert not server.aborted
+
+
+def test_streamedResponseRegistersWriteDeadline(balancer):
+    """A streamed response registers the exchange with its stream behind the
+    write deadline, and unregisters it when done."""
+    from txbalancer.h2 import _WriteDeadline
+
+    client = H2Client(balancer)
+    sid = client.request(path=b"/big")
+    backend = balancer.acceptConnect()
+    backend.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+    client.flush()
+    stream = client.server.streams[sid]
+    assert isinstance(stream.producer, _WriteDeadline)
+    backend.respond(b"0\r\n\r\n")
+    client.flush()
+    assert client.response(sid)[2]

@@ -56,6 +56,35 @@ class AvailabilityTests(SynchronousTestCase):
         p.setHealth(b, "up")
         self.assertEqual({p.choose() for _ in range(4)}, {b})
 
+    def test_priority_levels_in_turn(self) -> None:
+        """Each priority level takes traffic only while every lower level is down, and loses it when a lower one returns."""
+        p = pool("127.0.0.1:1", "127.0.0.1:2 priority=1", "127.0.0.1:3 priority=2",
+                 "127.0.0.1:4 priority=2")
+        a, b, c, d = p.backends
+        self.assertEqual({p.choose() for _ in range(4)}, {a})
+        p.setHealth(a, "down")
+        self.assertEqual({p.choose() for _ in range(4)}, {b})
+        p.setHealth(b, "down")
+        self.assertEqual({p.choose() for _ in range(4)}, {c, d})
+        p.setHealth(a, "up")
+        self.assertEqual({p.choose() for _ in range(4)}, {a})
+
+    def test_lowest_level_present_is_primary(self) -> None:
+        """When no backend has priority 0, the lowest level present is the primary one."""
+        p = pool("127.0.0.1:1 priority=3", "127.0.0.1:2 priority=5")
+        a, b = p.backends
+        self.assertEqual({p.choose() for _ in range(4)}, {a})
+        p.setHealth(a, "down")
+        self.assertEqual({p.choose() for _ in range(4)}, {b})
+
+    def test_update_moves_a_backend_between_levels(self) -> None:
+        """update() with a new priority moves the backend to that level at once."""
+        p = pool("127.0.0.1:1", "127.0.0.1:2")
+        a, b = p.backends
+        p.update(b, b.spec.__class__("127.0.0.1", 2, priority=1))
+        self.assertEqual({p.choose() for _ in range(4)}, {a})
+        self.assertTrue(b.backup)
+
     def test_panic_balances_over_all_primaries(self) -> None:
         """Below the panic threshold every primary is picked, up or not; above it only the healthy."""
         p = pool("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4",

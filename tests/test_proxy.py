@@ -381,7 +381,7 @@ class BodyStreamingTests(ProxyTestCase):
         self.assertEqual(len(body), PENDING_LIMIT + 1)
 
     def test_response_streams_with_producer(self) -> None:
-        """A streamed response registers the exchange as producer: a paused client pauses the backend."""
+        """A streamed response registers the exchange as producer: a paused client pauses the backend, until the response is done."""
         lb = self.balancer()
         client = lb.client()
         client.send(GET)
@@ -396,7 +396,11 @@ class BodyStreamingTests(ProxyTestCase):
         producer.resumeProducing()
         self.assertEqual(backend.transport.producerState, "producing")
         backend.respond(b"0\r\n\r\n")
-        self.assertIsNone(client.transport.producer)
+        # The exchange is done: a client that stops reading now no longer
+        # pauses the (pooled, idle) backend connection.
+        producer.pauseProducing()
+        self.assertEqual(backend.transport.producerState, "producing")
+        producer.resumeProducing()
         self.assertIdle()
 
     def test_large_content_length_response_streams_with_producer(self) -> None:

@@ -59,6 +59,22 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual([s.address for s in pool.backends], ["127.0.0.1:3001", "127.0.0.1:3002"])
         self.assertEqual([s.weight for s in pool.backends], [1, 2])
 
+    def test_srv_backends(self) -> None:
+        """--backends srv:NAME makes a pool of that source with no backends yet; --dns-server is the balancer's resolver."""
+        config = self.parse(
+            "--backends", "srv:_http._tcp.web.service.consul", "--dns-server", "127.0.0.1:8600"
+        )["config"]
+        (pool,) = config.pools
+        self.assertEqual((pool.source, pool.backends), ("srv:_http._tcp.web.service.consul", ()))
+        self.assertEqual(config.dnsServer, "127.0.0.1:8600")
+
+    def test_bad_dns_server(self) -> None:
+        """A --dns-server that is no IP address and port is a usage error saying so."""
+        e = self.assertRaises(
+            usage.UsageError, self.parse, "--backends", self.backends, "--dns-server", "consul"
+        )
+        self.assertIn("--dns-server", str(e))
+
     def test_port_repeatable(self) -> None:
         """--port may be given several times; a bare number means tcp:N, anything else goes to Twisted as it is."""
         options = self.parse(
@@ -245,6 +261,42 @@ class MakeServiceTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         return makeService(options, reactor), reactor
 
+    def test_reload_rereads_the_backends_file(self) -> None:
+        """SIGHUP's reload reads the backends file again, with the command line's settings kept."""
+        service, reactor = self.service("--backend-timeout", "7")
+        service.startService()
+        self.addCleanup(service.stopService)
+        with open(self.backends, "w") as f:
+            f.write("127.0.0.1:3001\n127.0.0.1:3003 weight=3\n")
+        service.reload()
+        pool = service.config.pool("default")
+        self.assertEqual([(s.address, s.weight) for s in pool.backends],
+                         [("127.0.0.1:3001", 1), ("127.0.0.1:3003", 3)])
+        self.assertEqual(pool.backendTimeout, 7)
+        self.assertEqual(
+            [b.address for b in service.defaultPool.pool.backends],
+            ["127.0.0.1:3001", "127.0.0.1:3003"],
+        )
+
+    def test_reload_rereads_the_config_file(self) -> None:
+        """With --config, SIGHUP's reload reads the file again and the command line still overrides it."""
+        path = _tempPath()
+        with open(path, "w") as f:
+            f.write('[pool.web]\nbackends = ["127.0.0.1:3001"]\nbackend-timeout = 20\n')
+        options = Options()
+        options.parseOptions(["--config", path, "--connect-timeout", "1"])
+        service = makeService(options, MemoryReactorClock())
+        service.startService()
+        self.addCleanup(service.stopService)
+        with open(path, "w") as f:
+            f.write('[pool.web]\nbackends = ["127.0.0.1:3001", "127.0.0.1:3002"]\n'
+                    'backend-timeout = 30\nconnect-timeout = 9\n')
+        service.reload()
+        pool = service.config.pool("web")
+        self.assertEqual([s.address for s in pool.backends], ["127.0.0.1:3001", "127.0.0.1:3002"])
+        self.assertEqual((pool.backendTimeout, pool.connectTimeout), (30, 1))
+        self.assertEqual(service.pools["web"].forwarder.backendTimeout, 30)
+
     def test_listens_on_each_port(self) -> None:
         """makeService listens on every --port once started, and stops cleanly."""
         service, reactor = self.service("--port", "8081", "--port", "tcp:8082:interface=127.0.0.1")
@@ -309,11 +361,11 @@ class MakeServiceTests(SynchronousTestCase):
 
 class PureImportTests(SynchronousTestCase):
     def test_pure_modules_leave_reactor_alone(self) -> None:
-        """Importing config, backend, choosers, headers and routing does not import the reactor."""
+        """Importing the pure modules (config, settings, request, framing, backend, choosers, headers, routing) does not import the reactor."""
         code = (
             "import sys\n"
             "import txbalancer.config, txbalancer.backend, txbalancer.choosers, txbalancer.headers\n"
-            "import txbalancer.routing\n"
+            "import txbalancer.routing, txbalancer.settings, txbalancer.request, txbalancer.framing\n"
             "bad = [m for m in sys.modules if m == 'twisted.internet.reactor']\n"
             "print(bad)\n"
             "sys.exit(1 if bad else 0)\n"

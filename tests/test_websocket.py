@@ -198,11 +198,17 @@ class LifetimeTests(TunnelMixin, SynchronousTestCase):
         self.assertTrue(backend.closed)
 
     def test_no_client_timeout(self) -> None:
-        """The client timeout does not apply to a tunnel."""
+        """Neither the client timeout nor the write deadline applies to a tunnel: a client that reads nothing pauses the backend, and is not cut off."""
         lb = InMemoryBalancer(["127.0.0.1:3001"], clientTimeout=10)
         client, backend = self.openTunnel(lb)
+        self.assertIsNot(client.transport.producer, client.protocol)
         lb.reactor.advance(50)
         self.assertFalse(client.closed)
+        client.transport.producer.pauseProducing()
+        self.assertEqual(backend.transport.producerState, "paused")
+        lb.reactor.advance(50)
+        self.assertFalse(client.closed)
+        self.assertFalse(client.transport.aborted)
 
     def test_backpressure(self) -> None:
         """A backend that reads slowly pauses the client, and the other way round."""

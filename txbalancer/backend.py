@@ -50,6 +50,7 @@ class Backend:
         "available",
         "state",
         "backup",
+        "priority",
         "maxConns",
         # -- tcp mode
         "connections",
@@ -75,6 +76,7 @@ class Backend:
         self.available = True
         self.state = "up"
         self.backup: bool = spec.backup
+        self.priority: int = spec.priority
         self.maxConns: int = spec.max_conns
         # -- tcp mode
         self.connections = 0
@@ -108,6 +110,7 @@ class Backend:
             "available": self.available,
             "state": self.reported,
             "backup": self.backup,
+            "priority": self.priority,
             "active": self.active,
             "requests": self.requests,
             "failures": self.failures,

@@ -27,10 +27,17 @@ strict HTTP/1.1 + h2 listener, L{resource} for twisted.web), the
 listeners of the configuration (L{listen}), and the order of a graceful
 stop: stop listening, let requests in flight finish (at most
 C{drainTimeout} seconds), close the backend connections, stop the checks.
+
+A reload (L{Balancer.reload}: SIGHUP, C{POST /reload}) and each answer of
+the DNS lookups of C{srv:} pools (L{txbalancer.discovery}) go through one
+path, L{Balancer.apply}: the new configuration is diffed against what runs
+(L{txbalancer.diff}), new pools and the new router are built, one
+reference is swapped, and the kept pools change in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random as _random
 import signal
 from functools import partial
@@ -49,6 +56,7 @@ from txbalancer.config import ConfigError, load_secret, parse_backends
 from txbalancer.downstream import HTTPServerFactory
 from txbalancer.health import HealthChecker, OutlierDetector
 from txbalancer.interfaces import IExchange
+from txbalancer.limits import ConnectionLimits, TrackedEndpoint
 from txbalancer.pool import BackendPool
 from txbalancer.proxy import Forwarder
 from txbalancer.routing import RouteTable
@@ -86,6 +94,12 @@ class PoolRuntime:
     ) -> None:
         self.config = config
         self.name = config.name
+        # Set when a reload retires this pool: the loop waiting for it to
+        # be idle, and the Deferred of its stop.
+        self.retireLoop: Any = None
+        self.retired: Any = None
+        self._random = random
+        self._clock = reactor
         trustRoot = loadTrustRoot(config.backendCa) if config.backendCa else None
         # One TLS policy for https:// backends, shared by proxy and checks.
         tlsOptionsFor = partial(backendTLSOptions, trustRoot=trustRoot)
@@ -121,6 +135,9 @@ class PoolRuntime:
             from txbalancer.tcpcheck import TCPConnectChecker as checkerClass
 
             checkerOptions["proxyProtocol"] = config.proxyProtocol
+        # Whether the pool's checks may be TCP connects (then a health path
+        # given or taken away changes the kind of checker).
+        self.tcpChecks = bool(tcp or config.proxyProtocol)
         self.checker = checkerClass(
             pool.backends,
             healthChanged,
@@ -182,6 +199,109 @@ class PoolRuntime:
     @property
     def inFlight(self) -> int:
         return self.forwarder.inFlight
+
+    # -- a reload
+
+    # The pool settings a running pool cannot take in place: the health
+    # state machines count rise/fall from their start, ejection and the
+    # backends' TLS trust are built in.  A change of any of them gives the
+    # pool a new PoolRuntime (its backends start over: up, unchecked) and
+    # the old one finishes its requests in flight.  Every other pool
+    # setting is applied in place by L{configure}.
+    REBUILD = frozenset(
+        ("rise", "fall", "noHealthChecks", "ejectAfter", "maxEjectedPercent",
+         "backendCa", "proxyProtocol")
+    )
+
+    def needsRebuild(self, config: PoolConfig, changed: Sequence[str]) -> bool:
+        """
+        Whether the pool must get a new runtime to take C{config}, whose
+        settings C{changed} differ: one of L{REBUILD}, or a health path
+        given or taken away where that switches between HTTP and TCP
+        checks.
+        """
+        if self.REBUILD.intersection(changed):
+            return True
+        return (
+            "healthPath" in changed
+            and self.tcpChecks
+            and (self.config.healthPath is None) != (config.healthPath is None)
+        )
+
+    def configure(self, config: PoolConfig, balancerConfig: BalancerConfig) -> None:
+        """
+        Take the settings of C{config} (the same pool, reloaded) in place:
+        strategy (a new chooser), sticky cookie, queue, slow start,
+        timeouts, connection limits, health check path/host/status/interval/
+        timeout, panic threshold, and the balancer-wide settings its
+        forwarder reads.  Its backends are changed by L{applyBackends}.
+        """
+        old, self.config = self.config, config
+        pool, forwarder, upstreams = self.pool, self.forwarder, self.upstreams
+        if config.strategy != old.strategy:
+            pool.chooser = STRATEGIES[config.strategy](
+                random=self._random, clock=self._clock.seconds
+            )
+            forwarder.needsClientKey = config.strategy == "ip-hash"
+            log.info("pool {pool}: strategy is now {strategy}", pool=self.name,
+                     strategy=config.strategy)
+        forwarder.stickyCookie = (
+            config.stickyCookie.encode("ascii") if config.stickyCookie else None
+        )
+        pool.queueSize = config.queueSize
+        forwarder.queueTimeout = config.queueTimeout if config.queueSize else 0.0
+        pool.slowStart = config.slowStart
+        forwarder.backendTimeout = config.backendTimeout
+        upstreams.connectTimeout = config.connectTimeout
+        upstreams.maxIdlePerBackend = config.maxIdlePerBackend
+        upstreams.idleTimeout = config.upstreamIdleTimeout
+        host = config.healthHost
+        self.checker.configure(
+            path=config.healthPath or "/",
+            host=host.encode("idna") if host else None,
+            interval=config.healthInterval,
+            timeout=config.healthTimeout,
+            statusRange=config.healthStatus,
+        )
+        b = balancerConfig
+        forwarder.setTrustedProxies(b.trustedProxies)
+        forwarder.hsts = (
+            (b"Strict-Transport-Security", b"max-age=%d" % (b.hsts,))
+            if b.hsts is not None
+            else None
+        )
+        forwarder.redirectHttps = b.redirectHttps
+        forwarder.httpsPort = _httpsPort(b.listeners)
+        pool.setPanicThreshold(config.panicThreshold)
+
+    def applyBackends(self, change: Any) -> list[Any]:
+        """
+        Apply a L{txbalancer.diff.BackendsDiff}: add the new backends (their
+        checks start), update the changed ones in place, remove the ones that
+        are gone (they finish their requests in flight).  Unchanged backends
+        keep their health, counters and kept-alive connections.
+
+        @return: the Deferreds of the removals.
+        """
+        byKey = {backend.spec.key: backend for backend in self.pool.backends}
+        for old, new in change.changed:
+            backend = byKey.get(new.key)
+            if backend is not None:
+                self.pool.update(backend, new)
+                log.info(
+                    "pool {pool}: backend {address} now weight={weight} "
+                    "max_conns={maxConns} priority={priority}",
+                    pool=self.name, address=backend.address, weight=new.weight,
+                    maxConns=new.max_conns, priority=new.priority,
+                )
+        for spec in change.added:
+            self.addBackend(spec)
+        removals = []
+        for spec in change.removed:
+            backend = byKey.get(spec.key)
+            if backend is not None:
+                removals.append(self.removeBackend(backend))
+        return removals
 
     # -- changing the set of backends while requests flow (reload, the
     # admin API, DNS discovery all come here)
@@ -355,6 +475,52 @@ class Router:
         return exchange
 
 
+class _Dispatch:
+    """
+    The handler every front end holds: C{dispatch(request, server)} asks
+    whatever serves requests now (the first pool's forwarder, or the router
+    of the routes).  A reload builds the new pools and routes first, then
+    swaps this one reference, so a request sees the old set or the new,
+    never a mix.
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: Any) -> None:
+        self.current = current
+
+    def __call__(self, request: Any, server: Any) -> Any:
+        return self.current(request, server)
+
+
+def rereadBackendsFiles(config: BalancerConfig) -> BalancerConfig:
+    """
+    C{config} with the backends of every pool whose source is a backends
+    file read again: the reload of a balancer built from command-line
+    options or Python (one from a config file re-reads the file).
+
+    @raise ConfigError: naming the file and line of the first mistake.
+    """
+    from txbalancer.config import load_backends
+
+    pools = []
+    for pool in config.pools:
+        if pool.source not in ("inline",) and not pool.source.startswith("srv:"):
+            pool = dataclasses.replace(
+                pool, backends=load_backends(pool.source)
+            )
+        pools.append(pool)
+    return config.replace(pools=tuple(pools))
+
+
+# Balancer-wide settings a reload applies in place (the pools' forwarders
+# read them); a change of any other (listeners, TLS, the access log, client
+# limits) is logged and takes effect at the next start.
+_LIVE_BALANCER_SETTINGS = frozenset(
+    ("trustedProxies", "hsts", "redirectHttps", "drainTimeout")
+)
+
+
 class Balancer(MultiService):
     """
     A load balancer over the pools of one L{BalancerConfig}.
@@ -376,6 +542,14 @@ class Balancer(MultiService):
         default; tests pass a fake).
     @param installSignalHandlers: whether SIGHUP reloads (twistd's service
         sets this; a library user's balancer leaves signals alone).
+    @param reloader: called by L{reload} for the new configuration: a
+        callable returning a L{BalancerConfig} (or raising L{ConfigError}).
+        C{tap.makeService} gives one that reads the files again with the
+        command line's overrides kept; by default the config file the
+        configuration came from is read again, or without one every pool's
+        backends file (L{rereadBackendsFiles}).
+    @param resolver: the C{IResolver} of C{srv:} pools (by default one for
+        C{dnsServer}, or the system's; tests pass a fake).
     """
 
     def __init__(
@@ -389,6 +563,8 @@ class Balancer(MultiService):
         healthClient: Any = None,
         cookieSecret: Optional[bytes] = None,
         installSignalHandlers: bool = False,
+        reloader: Optional[Callable[[], BalancerConfig]] = None,
+        resolver: Any = None,
         **settings: Any,
     ) -> None:
         MultiService.__init__(self)
@@ -412,28 +588,27 @@ class Balancer(MultiService):
         )
         if cookieSecret is None and config.stickySecretFile:
             cookieSecret = load_secret(config.stickySecretFile)
-        randomness = random if random is not None else _random.Random()
+        self.reloader = reloader
+        self.resolver = resolver
+        # The SRV lookups of the srv: pools, by pool name.
+        self.discoveries: dict[str, Any] = {}
+        self._random = random if random is not None else _random.Random()
+        self._jitter = jitter or _random.random
+        self._healthClient = healthClient
+        self._cookieSecret = cookieSecret
         self.pools: dict[str, PoolRuntime] = {}
-        tcpPools = config.tcpPools()
         for poolConfig in config.pools:
-            self.pools[poolConfig.name] = PoolRuntime(
-                poolConfig,
-                config,
-                reactor,
-                random=randomness,
-                jitter=jitter or _random.random,
-                healthClient=healthClient,
-                accessLog=self.accessLog,
-                cookieSecret=cookieSecret,
-                tcp=poolConfig.name in tcpPools,
-            )
-        self.router: Optional[Router] = None
-        if config.routes:
-            try:
-                self.router = Router(config.routes, self.pools, self.accessLog)
-            except ValueError as e:
-                raise ConfigError(f"bad route: {e}") from None
+            self.pools[poolConfig.name] = self._runtime(poolConfig, config)
+        # Pools replaced or removed by a reload, finishing their requests.
+        self.retiring: list[PoolRuntime] = []
+        self._dispatch = _Dispatch(self._serving(config, self.pools))
         self.factories: list[Any] = []
+        # --max-connections and --max-conns-per-ip, shared by every
+        # listener; it learns the listening ports through TrackedEndpoint
+        # (see listenOn).
+        self.limits = ConnectionLimits(
+            config.maxConnections, config.maxConnsPerIp, clock=reactor.seconds
+        )
         self.listeners: list[StreamServerEndpointService] = []
         # (endpoint string, protocol factory) of each client listener, for
         # the admin server's connection counts.
@@ -441,6 +616,44 @@ class Balancer(MultiService):
         self.admin: Optional[StreamServerEndpointService] = None
         self.serverTLS: list[Any] = []
         self._h2Factories: dict[int, Any] = {}
+        # (pool name, factory) of the TCP-mode listeners.
+        self._tcpFactories: list[tuple[str, Any]] = []
+
+    def _runtime(self, poolConfig: PoolConfig, config: BalancerConfig) -> PoolRuntime:
+        return PoolRuntime(
+            poolConfig,
+            config,
+            self.reactor,
+            random=self._random,
+            jitter=self._jitter,
+            healthClient=self._healthClient,
+            accessLog=self.accessLog,
+            cookieSecret=self._cookieSecret,
+            tcp=poolConfig.name in config.tcpPools(),
+        )
+
+    def _serving(self, config: BalancerConfig, pools: dict[str, PoolRuntime]) -> Any:
+        """
+        What requests are handed to under C{config} with C{pools}: the
+        first pool's forwarder (every request goes there, at no cost), or
+        with routes a new L{Router} (then L{router}).
+
+        @raise ConfigError: for a route that cannot be compiled.
+        """
+        if not config.routes:
+            return next(iter(pools.values())).forwarder
+        try:
+            return Router(config.routes, pools, self.accessLog)
+        except ValueError as e:
+            raise ConfigError(f"bad route: {e}") from None
+
+    @property
+    def router(self) -> Optional[Router]:
+        """
+        The L{Router} requests go through, or L{None} without routes.
+        """
+        current = self._dispatch.current
+        return current if isinstance(current, Router) else None
 
     @classmethod
     def fromConfig(cls, path: str, **kwargs: Any) -> "Balancer":
@@ -467,12 +680,12 @@ class Balancer(MultiService):
     def handler(self) -> Any:
         """
         C{handler(request, server)}: the exchange that serves C{request}.
-        Without routes, the first pool's forwarder itself (every request
-        goes there, at no cost); with routes, the L{Router}.
+        Without routes, the first pool's forwarder; with routes, the
+        L{Router}; through one object for the balancer's life: a reload
+        changes what it hands requests to, not the handler the front ends
+        hold.
         """
-        if self.router is not None:
-            return self.router
-        return self.defaultPool.forwarder
+        return self._dispatch
 
     @property
     def inFlight(self) -> int:
@@ -498,6 +711,8 @@ class Balancer(MultiService):
             maxBodySize=config.maxBodySize,
             secure=secure,
             clientCertificates=secure and bool(config.tlsClientCa),
+            headerTimeout=config.headerTimeout,
+            limits=self.limits,
         )
         if secure and config.http2:
             from txbalancer.h2 import NegotiatingFactory
@@ -527,7 +742,25 @@ class Balancer(MultiService):
             needsClientKey=runtime.config.strategy == "ip-hash",
         )
         self.factories.append(factory)
+        # A reload that gives this pool a new runtime (or strategy) tells
+        # the listener.
+        self._tcpFactories.append((runtime.name, factory))
         return factory
+
+    def _followPools(self) -> None:
+        """
+        Point each TCP-mode listener at its pool's runtime now (after a
+        reload); a listener whose pool is gone keeps the old one.
+        """
+        for name, factory in self._tcpFactories:
+            runtime = self.pools.get(name)
+            if runtime is not None:
+                factory.usePool(
+                    runtime.pool,
+                    runtime.upstreams._endpointFor,
+                    proxyProtocol=runtime.config.proxyProtocol,
+                    needsClientKey=runtime.config.strategy == "ip-hash",
+                )
 
     def resource(self) -> Any:
         """
@@ -643,9 +876,13 @@ class Balancer(MultiService):
     def listenOn(self, endpoint: Any, factory: Any) -> StreamServerEndpointService:
         """
         Listen on C{endpoint} with C{factory} as a child service; start-up
-        fails loudly when the port cannot be bound.
+        fails loudly when the port cannot be bound.  The port, once
+        listening, is handed to L{limits}, which pauses it at
+        C{--max-connections}.
         """
-        service = StreamServerEndpointService(endpoint, factory)
+        service = StreamServerEndpointService(
+            TrackedEndpoint(endpoint, self.limits.addPort), factory
+        )
         service._raiseSynchronously = True
         service.setServiceParent(self)
         self.listeners.append(service)
@@ -684,6 +921,9 @@ class Balancer(MultiService):
         MultiService.startService(self)
         for serverTLS in self.serverTLS:
             serverTLS.watch(self.reactor, self.config.tlsReloadInterval)
+        for pool in self.config.pools:
+            if pool.source.startswith("srv:"):
+                self._startDiscovery(pool)
         if self.installSignalHandlers:
             signal.signal(signal.SIGHUP, self._sighup)
             signal.signal(signal.SIGUSR1, self._sigusr1)
@@ -697,7 +937,15 @@ class Balancer(MultiService):
             )
 
     def _sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload)
+        self.reactor.callFromThread(self._reloadOnSignal)
+
+    def _reloadOnSignal(self) -> None:
+        try:
+            self.reload()
+        except ConfigError:
+            pass  # logged by reload(); the old configuration runs on
+        except Exception:
+            log.failure("reload failed")
 
     def _sigusr1(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reopenLogs)
@@ -711,27 +959,268 @@ class Balancer(MultiService):
             log.info("SIGUSR1: reopening the access log")
             self.accessLog.reopen()
 
-    def reload(self) -> None:
+    def reload(self) -> Any:
         """
-        SIGHUP (and the admin API's C{POST /reload}): reload the TLS
-        certificates and keys.  New handshakes use the new ones, open
-        connections go on; a broken file is logged and the old certificate
-        kept.  The admin API's drains and disables are undone: run-time
-        changes last until the next reload.
+        SIGHUP and C{POST /reload}: read the configuration again (the
+        config file, every backends file; see C{reloader}) and apply the
+        difference in place (L{apply}); reload the TLS certificates and
+        keys (new handshakes use the new ones, open connections go on).
+        Run-time changes last until then: backends the admin API added or
+        removed are undone by the diff, its drains and disables here.
+
+        @return: the L{txbalancer.diff.ConfigDiff} applied.
+        @raise ConfigError: when a file is broken: nothing changed, and the
+            reason is logged.
         """
-        log.info("SIGHUP: reloading certificates")
+        log.info("reloading the configuration and certificates")
         for serverTLS in self.serverTLS:
             serverTLS.reload()
-        # Run-time changes (the admin API's drains and disables) last until
-        # the next reload.
+        try:
+            if self.reloader is not None:
+                new = self.reloader()
+            elif self.config.configFile:
+                from txbalancer.config import load_config
+
+                new = load_config(self.config.configFile)
+            else:
+                new = rereadBackendsFiles(self.config)
+        except ConfigError as e:
+            log.error("reload failed, nothing changed: {error}", error=str(e))
+            raise
+        try:
+            diff = self.apply(new)
+        except ConfigError as e:
+            log.error("reload failed, nothing changed: {error}", error=str(e))
+            raise
         for runtime in self.pools.values():
             runtime.clearOperatorChanges()
+        return diff
+
+    def apply(self, new: BalancerConfig) -> Any:
+        """
+        Make C{new} the running configuration, changing only what differs
+        from what runs (L{txbalancer.diff.diffConfigs}; backends added or
+        removed at run time count as running, so C{new} undoes them):
+
+            - new pools start; a removed pool takes no new requests and
+              stops once its requests in flight are done;
+            - in a kept pool, new backends start their checks, removed ones
+              take no new requests and finish those in flight, changed ones
+              are updated in place and unchanged ones keep their health,
+              counters and pooled connections;
+            - pool settings are applied in place, except those in
+              L{PoolRuntime.REBUILD}, which give the pool a new runtime;
+            - pools and routes change in one step: everything new is built
+              first, then the one reference the front ends read is swapped.
+
+        Connections, streams and tunnels in flight are never cut.
+
+        @return: the L{txbalancer.diff.ConfigDiff} applied.
+        @raise ConfigError: when the new configuration cannot be built;
+            nothing changed then.
+        """
+        return self._apply(self._keepDiscovered(new))
+
+    def _running(self) -> BalancerConfig:
+        """
+        The configuration that runs: C{self.config} with each pool's
+        backends as they are now (run-time changes, such as the admin
+        server's, included: a reload undoes them).
+        """
+        pools = []
+        for pool in self.config.pools:
+            runtime = self.pools.get(pool.name)
+            if runtime is not None:
+                pool = dataclasses.replace(
+                    pool, backends=tuple(b.spec for b in runtime.pool.backends)
+                )
+            pools.append(pool)
+        return self.config.replace(pools=tuple(pools))
+
+    def _apply(self, new: BalancerConfig) -> Any:
+        from txbalancer.diff import diffConfigs
+
+        old = self.config
+        diff = diffConfigs(self._running(), new)
+        if diff.empty:
+            log.info("reload: nothing changed")
+            self.config = new
+            return diff
+        # Build everything first: a failure here changes nothing.
+        replaced: dict[str, PoolRuntime] = {}
+        for change in diff.changed:
+            if self.pools[change.name].needsRebuild(
+                new.pool(change.name), change.settings
+            ):
+                replaced[change.name] = self._runtime(new.pool(change.name), new)
+        added = {p.name: self._runtime(p, new) for p in diff.added}
+        pools: dict[str, PoolRuntime] = {}
+        for poolConfig in new.pools:
+            name = poolConfig.name
+            pools[name] = replaced.get(name) or added.get(name) or self.pools[name]
+        serving = self._serving(new, pools)
+        # The swap.
+        retired = [self.pools[p.name] for p in diff.removed]
+        retired += [self.pools[name] for name in replaced]
+        self.pools = pools
+        self.config = new
+        self._dispatch.current = serving
+        # The kept pools change in place (same turn of the reactor: no
+        # request sees half of it).
+        for change in diff.changed:
+            runtime = pools[change.name]
+            if change.name in replaced:
+                log.info(
+                    "pool {pool}: {settings} changed: the pool starts afresh",
+                    pool=change.name, settings=", ".join(change.settings),
+                )
+                continue
+            runtime.configure(new.pool(change.name), new)
+            runtime.applyBackends(change.backends)
+        for name, runtime in list(replaced.items()) + list(added.items()):
+            if self.running:
+                runtime.start()
+        if diff.settings:
+            live = [s for s in diff.settings if s in _LIVE_BALANCER_SETTINGS]
+            if live:
+                for name in pools:
+                    if name not in replaced and name not in added:
+                        pools[name].configure(new.pool(name), new)
+            later = [s for s in diff.settings if s not in _LIVE_BALANCER_SETTINGS]
+            if later:
+                log.warn(
+                    "reload: {settings} changed; that takes effect when the "
+                    "balancer is restarted",
+                    settings=", ".join(later),
+                )
+        self._followPools()
+        for runtime in retired:
+            self._retire(runtime)
+        self._discoveryChanged(old)
+        log.info(
+            "reload applied: pools added {added}, removed {removed}, changed "
+            "{changed}{routes}",
+            added=", ".join(p.name for p in diff.added) or "none",
+            removed=", ".join(p.name for p in diff.removed) or "none",
+            changed=", ".join(
+                f"{c.name} ({c.backends.describe()})" for c in diff.changed
+            ) or "none",
+            routes="; routes changed" if diff.routes else "",
+        )
+        return diff
+
+    def _retire(self, runtime: PoolRuntime) -> None:
+        """
+        C{runtime} gets no new requests: stop it once those it has are done.
+        """
+        from twisted.internet.task import LoopingCall
+
+        self.retiring.append(runtime)
+        log.info("pool {pool}: retiring once idle ({n} requests in flight)",
+                 pool=runtime.name, n=runtime.inFlight)
+
+        def check() -> None:
+            # Idle: no request in flight, no connection (TCP-mode tunnels
+            # included) to any of its backends.
+            if runtime.inFlight or any(b.active for b in runtime.pool.backends):
+                return
+            loop.stop()
+
+        def stopped(_: object) -> Any:
+            if runtime in self.retiring:
+                self.retiring.remove(runtime)
+            log.info("pool {pool}: retired", pool=runtime.name)
+            return runtime.stop()
+
+        loop = runtime.retireLoop = LoopingCall(check)
+        loop.clock = self.reactor
+        runtime.retired = loop.start(1.0, now=True).addCallback(stopped).addErrback(
+            lambda f: log.failure("retiring pool {pool}", f, pool=runtime.name)
+        )
+
+    # -- backends from DNS
+
+    def _keepDiscovered(self, new: BalancerConfig) -> BalancerConfig:
+        """
+        C{new} (read from the files) with the backends that DNS gave each
+        C{srv:} pool that runs on with the same name: a reload does not
+        forget them until the next answer.
+        """
+        if not any(p.source.startswith("srv:") for p in new.pools):
+            return new
+        pools = []
+        for pool in new.pools:
+            if pool.source.startswith("srv:") and not pool.backends:
+                try:
+                    running = self.config.pool(pool.name)
+                except KeyError:
+                    running = None
+                if running is not None and running.source == pool.source:
+                    pool = dataclasses.replace(pool, backends=running.backends)
+            pools.append(pool)
+        return new.replace(pools=tuple(pools))
+
+    def _discovered(self, name: str, specs: Any) -> None:
+        """
+        DNS gave the C{srv:} pool C{name} the backends C{specs}: applied
+        through the same diff as a reload.
+        """
+        if name not in self.pools:
+            return
+        pools = tuple(
+            dataclasses.replace(p, backends=tuple(specs)) if p.name == name else p
+            for p in self.config.pools
+        )
+        self._apply(self.config.replace(pools=pools))
+
+    def _startDiscovery(self, pool: PoolConfig) -> None:
+        from txbalancer.discovery import SRVDiscovery, makeResolver
+
+        if self.resolver is None:
+            self.resolver = makeResolver(self.config.dnsServer, self.reactor)
+        discovery = SRVDiscovery(
+            pool.source[len("srv:"):],
+            self.resolver,
+            self.reactor,
+            partial(self._discovered, pool.name),
+        )
+        self.discoveries[pool.name] = discovery
+        discovery.start()
+
+    def _stopDiscovery(self, name: str) -> None:
+        discovery = self.discoveries.pop(name, None)
+        if discovery is not None:
+            discovery.stop()
+
+    def _discoveryChanged(self, old: BalancerConfig) -> None:
+        """
+        Start the lookups of new C{srv:} pools (or pools whose source
+        changed to one), stop those of pools gone or no longer C{srv:}.
+        """
+        if not self.running:
+            return
+        for pool in self.config.pools:
+            try:
+                before: Optional[str] = old.pool(pool.name).source
+            except KeyError:
+                before = None
+            if before != pool.source:
+                self._stopDiscovery(pool.name)
+                if pool.source.startswith("srv:"):
+                    self._startDiscovery(pool)
+        names = {pool.name for pool in self.config.pools}
+        for name in list(self.discoveries):
+            if name not in names:
+                self._stopDiscovery(name)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         log.info("stopping: no longer accepting connections")
+        self.limits.forgetPorts()
         for serverTLS in self.serverTLS:
             serverTLS.stopWatching()
+        for name in list(self.discoveries):
+            self._stopDiscovery(name)
         yield defer.gatherResults(
             [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
         )
@@ -748,6 +1237,13 @@ class Balancer(MultiService):
         for service in list(self):
             if service not in self.listeners:
                 yield defer.maybeDeferred(service.stopService)
+        # Retiring pools are idle by now (the drain is over): stop them.
+        retired = []
+        for runtime in list(self.retiring):
+            if runtime.retireLoop.running:
+                runtime.retireLoop.stop()
+            retired.append(runtime.retired)
+        yield defer.gatherResults(retired)
         yield defer.gatherResults([p.stop() for p in self.pools.values()])
         Service.stopService(self)
         if self.accessLog is not None:

@@ -40,8 +40,10 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 _SCHEMES = ("http", "https")
 _WEIGHT_MIN, _WEIGHT_MAX = 1, 1000
 _KNOWN_FLAGS = (
-    "weight=N (1-1000), max_conns=N (0 = unlimited), tls_verify=on|off, backup"
+    "weight=N (1-1000), max_conns=N (0 = unlimited), tls_verify=on|off, "
+    "priority=N (0-100), backup"
 )
+_PRIORITY_MAX = 100
 
 # ASCII digits only: int() alone would also take "1_000", " 7" and "\u0663".
 _DIGITS = re.compile(r"[0-9]+\Z")
@@ -90,10 +92,19 @@ class BackendSpec:
     scheme: str = "http"  # "http" or "https"
     weight: int = 1  # 1..1000
     max_conns: int = 0  # 0 = unlimited
-    backup: bool = False
+    backup: bool = False  # the same as priority=1 (kept in step with it)
     tls_verify: bool = True  # only meaningful for https
     filename: str = ""
     lineno: int = 0
+    # 0: a primary backend; 1, 2, ...: backup levels, each used only when
+    # every lower level is down.
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        # backup is priority 1; any priority above 0 is a backup.
+        if self.backup and not self.priority:
+            object.__setattr__(self, "priority", 1)
+        object.__setattr__(self, "backup", self.priority > 0)
 
     @property
     def address(self) -> str:
@@ -202,6 +213,8 @@ def _parse_backend_line(words: list[str], filename: str, lineno: int) -> Backend
         if name in flags:
             raise ConfigError(f"flag {name!r} given twice")
         if name == "backup":
+            if "priority" in flags:
+                raise ConfigError("give either 'backup' or 'priority=N', not both")
             if sep:
                 raise ConfigError(
                     f"'backup' is a bare word and takes no value (got {word!r})"
@@ -209,6 +222,10 @@ def _parse_backend_line(words: list[str], filename: str, lineno: int) -> Backend
             flags[name] = True
         elif name == "weight":
             flags[name] = _flag_int(name, value, _WEIGHT_MIN, _WEIGHT_MAX, sep)
+        elif name == "priority":
+            if "backup" in flags:
+                raise ConfigError("give either 'backup' or 'priority=N', not both")
+            flags[name] = _flag_int(name, value, 0, _PRIORITY_MAX, sep)
         elif name == "max_conns":
             flags[name] = _flag_int(name, value, 0, None, sep)
         elif name == "tls_verify":

@@ -29,15 +29,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import alsoProvides, implementer
 
 from txbalancer.framing import CRLF, ChunkedDecoder, FramingError
 from txbalancer.interfaces import IDownstream, IFrontEndConnection, IHTTP11Downstream
-from txbalancer.tunnel import A
+from txbalancer.limits import ConnectionLimits, RefusedConnection
 from txbalancer.request import BadRequest, Request, parseHead
+from txbalancer.tunnel import A
 
 __all__ = [
     "BadRequest",
@@ -76,14 +77,42 @@ REASONS = {
 _HEAD, _BODY, _CHUNKED, _DONE, _TUNNEL = range(5)
 
 
-@implementer(IDownstream, IHTTP11Downstream, IFrontEndConnection)
+@implementer(IDownstream, IHTTP11Downstream, IFrontEndConnection, IPushProducer)
 class HTTPServerProtocol(Protocol):
     """
     One client connection, one request at a time (pipelined requests wait
     in the buffer until the response before them is finished).
+
+    Deadlines, all on one timer per connection (C{_timeoutCall}).  On the
+    path of a simple request the timer is only ever pushed later, which is
+    cheap (see L{_armTimeout}); the first byte of a request does not touch
+    it at all: its head deadline is checked when the timer fires (it sleeps
+    at most the shorter of the two timeouts between requests), which then
+    re-arms itself for what is left:
+
+        - idle between requests: C{clientTimeout}, then the connection is
+          closed;
+        - the request head: C{headerTimeout} from its first byte (from the
+          connect for the first request), then 408;
+        - the request body: no byte for C{clientTimeout}, then 408 (or an
+          abort once a response has begun), and the exchange hears
+          C{clientGone}, which frees its backend connection;
+        - the response: the protocol is its transport's streaming producer
+          for the whole connection, so the transport tells it when the
+          client stops reading (C{pauseProducing}: the send buffer is
+          full).  Paused for C{clientTimeout} without C{resumeProducing},
+          the connection is aborted.  The exchange streaming a response
+          registers with the protocol (L{registerProducer}) and is paused
+          and resumed with it; no further pipelined request is started
+          while the client reads nothing;
+        - closing: a connection asked to close that has not closed
+          C{clientTimeout} later (its client reads nothing of what is left
+          to send) is aborted.
     """
 
     _timeoutCall: Any = None
+    # The client address counted by the factory's ConnectionLimits.
+    _admitted: Optional[str] = None
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -107,6 +136,17 @@ class HTTPServerProtocol(Protocol):
         self.peer = ""
         self.addresses: Any = None
         self.secure = False
+        # The exchange streaming a response (a push producer), if any.
+        self._producer: Any = None
+        # When the transport paused us (its send buffer is full), or None.
+        self._writeBlockedAt: Optional[float] = None
+        self._registered = False
+        self._closing = False
+        # Whether the connection is between requests: the first byte of the
+        # next one starts its head deadline (_headStart).
+        self._idleTimer = False
+        self._headStart = 0.0
+        self._idleDeadline = 0.0
 
     # -- connection life
 
@@ -117,11 +157,25 @@ class HTTPServerProtocol(Protocol):
         self.peer = getattr(peer, "host", "") or ""
         self.addresses = (peer, self.transport.getHost())
         self.secure = factory.secure
-        self._armTimeout()
+        self.transport.registerProducer(self, True)
+        self._registered = True
+        # The first request's head is due headerTimeout after the connect
+        # (or clientTimeout, if that is shorter).
+        now = factory.reactor.seconds()
+        self._headStart = now
+        phase = self._headPhase()
+        self._idleDeadline = now + (phase or 0.0)
+        self._armTimeout(phase)
 
     def connectionLost(self, reason: Any = None) -> None:
         self._disconnected = True
-        self.factory.connections.discard(self)
+        self._registered = False
+        self._producer = None
+        factory = self.factory
+        factory.connections.discard(self)
+        if self._admitted is not None:
+            factory.limits.release(self._admitted)
+            self._admitted = None
         self._cancelTimeout()
         tunnel = self.tunnel
         if tunnel is not None:
@@ -134,16 +188,35 @@ class HTTPServerProtocol(Protocol):
 
     # -- timeouts
 
-    def _armTimeout(self) -> None:
-        timeout = self.factory.clientTimeout
+    def _armTimeout(self, timeout: Optional[float] = None) -> None:
+        """
+        (Re)start the connection's one timer: C{timeout} seconds, or
+        C{clientTimeout} when L{None}.
+
+        Pushed later, the timer is C{reset} (arithmetic); brought sooner,
+        it is replaced (a cancel is lazy, a new call a heap push), since
+        C{reset} to an earlier time searches the reactor's heap linearly.
+        """
+        factory = self.factory
+        if timeout is None:
+            timeout = factory.clientTimeout
         if timeout:
             call = self._timeoutCall
             if call is not None and call.active():
-                call.reset(timeout)
-            else:
-                self._timeoutCall = self.factory.reactor.callLater(
-                    timeout, self._timedOut
-                )
+                reactor = factory.reactor
+                if reactor.seconds() + timeout >= call.getTime():
+                    call.reset(timeout)
+                    return
+                call.cancel()
+            self._timeoutCall = factory.reactor.callLater(timeout, self._timedOut)
+
+    def _headPhase(self) -> Optional[float]:
+        """
+        The longest the timer may sleep while a head is due or the
+        connection idle: the shorter of the two timeouts.
+        """
+        header, client = self.factory.headerTimeout, self.factory.clientTimeout
+        return header if header and (not client or header < client) else client
 
     def _cancelTimeout(self) -> None:
         call = self._timeoutCall
@@ -154,18 +227,108 @@ class HTTPServerProtocol(Protocol):
 
     def _timedOut(self) -> None:
         self._timeoutCall = None
+        factory = self.factory
+        if self._closing:
+            # Closed a while ago, and still not gone: its client reads
+            # nothing of what is left to send.
+            self._disconnected = True
+            self.transport.abortConnection()
+            return
+        blockedAt = self._writeBlockedAt
+        if blockedAt is not None and factory.clientTimeout:
+            left = blockedAt + factory.clientTimeout - factory.reactor.seconds()
+            if left > 0:
+                self._armTimeout(left)
+                return
+            log.info(
+                "client {peer} read nothing for {timeout}s: aborting the connection",
+                peer=self.peer,
+                timeout=factory.clientTimeout,
+            )
+            factory.counters["write_timeout"] = factory.counters.get("write_timeout", 0) + 1
+            self._disconnected = True
+            self.transport.abortConnection()
+            return
         if self._exchange is not None and self._state == _DONE:
             # The whole request is in; waiting for the backend is the
             # backend timeout's business, not the client's.
             self._armTimeout()
             return
+        if self._state == _HEAD:
+            now = factory.reactor.seconds()
+            if not self._buffer:
+                left = self._idleDeadline - now
+            else:
+                left = self._headStart + (self._headPhase() or 0.0) - now
+            if left > 0:
+                # Not yet: the timer sleeps at most a head phase at a time,
+                # so a head that starts meanwhile is not overslept.
+                phase = self._headPhase()
+                self._armTimeout(left if not phase or left < phase else phase)
+                return
         if self._state == _HEAD and not self._buffer:
-            self.transport.loseConnection()
+            self.close()
         elif not self._responding:
-            log.info("client {peer} timed out sending its request", peer=self.peer)
-            self._refuse(408, "client timed out sending the request")
+            if self._state == _HEAD:
+                log.info(
+                    "client {peer} did not send a whole request head in time",
+                    peer=self.peer,
+                )
+                reason = "client did not send the request head in time"
+            else:
+                log.info("client {peer} timed out sending its request", peer=self.peer)
+                reason = "client timed out sending the request"
+            self._refuse(408, reason)
         else:
+            self._disconnected = True
             self.transport.abortConnection()
+
+    def close(self) -> None:
+        """
+        Close the connection once what was written has been sent; a client
+        that reads none of it for C{clientTimeout} is cut off.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        if self._registered:
+            # A transport (TCP or TLS) does not close while a producer is
+            # registered.
+            self._registered = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        self._armTimeout()
+
+    # -- IPushProducer, for the transport: the client reading our writes
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's send buffer is full: the client is not reading.
+        """
+        if self._writeBlockedAt is None:
+            self._writeBlockedAt = self.factory.reactor.seconds()
+            if self._timeoutCall is None:
+                self._armTimeout()
+        producer = self._producer
+        if producer is not None:
+            producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """
+        The client has read what was buffered.
+        """
+        self._writeBlockedAt = None
+        producer = self._producer
+        if producer is not None:
+            producer.resumeProducing()
+        elif self._state == _HEAD and self._buffer and not self._disconnected:
+            # A pipelined request waited for the client to read.
+            self._process()
+
+    def stopProducing(self) -> None:
+        producer = self._producer
+        if producer is not None:
+            producer.stopProducing()
 
     # -- reading
 
@@ -188,10 +351,20 @@ class HTTPServerProtocol(Protocol):
         if tunnel is not None:
             tunnel.dataReceived(A, data)
             return
+        if self._idleTimer:
+            # The first byte of a request: its head is due headerTimeout
+            # from now (the timer, due within a head phase, checks).
+            self._idleTimer = False
+            self._headStart = self.factory.reactor.seconds()
         if self._buffer:
             self._buffer += data
         else:
             self._buffer = data
+        if self._writeBlockedAt is not None and self._state == _HEAD:
+            # The client reads none of our answers: start no other.
+            if len(self._buffer) > self.factory.maxHeadSize:
+                self.pauseReading("pipeline")
+            return
         self._process()
 
     def _process(self) -> None:
@@ -342,11 +515,16 @@ class HTTPServerProtocol(Protocol):
     # -- writing, for the exchange
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.transport.registerProducer(producer, streaming)
+        """
+        C{producer} (a push producer: the exchange) streams the response:
+        it is paused and resumed as the client reads.
+        """
+        self._producer = producer
+        if self._writeBlockedAt is not None:
+            producer.pauseProducing()
 
     def unregisterProducer(self) -> None:
-        if self.transport is not None:
-            self.transport.unregisterProducer()
+        self._producer = None
 
     def sendContinue(self) -> None:
         """
@@ -402,7 +580,15 @@ class HTTPServerProtocol(Protocol):
         self._pendingStart = False
         self._exchange = None
         self._responding = True
+        # No deadline of this protocol's applies to a tunnel (it has its
+        # idle timeout), and the tunnel registers its own producers: the
+        # write deadline's registration ends here.
         self._cancelTimeout()
+        self._producer = None
+        self._writeBlockedAt = None
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
         lines = [b"HTTP/1.1 101 " + (reason or REASONS[101]) + CRLF]
         for name, value in headers:
             lines.append(name + b": " + value + CRLF)
@@ -529,16 +715,27 @@ class HTTPServerProtocol(Protocol):
         if self._disconnected:
             return
         if not self._keepAlive or self._state != _DONE:
-            self.transport.loseConnection()
+            self.close()
             self._disconnected = True
             return
         self._state = _HEAD
         self.resumeReading("pipeline")
-        self._armTimeout()
-        if self.factory.draining and not self._buffer:
-            self.transport.loseConnection()
-            return
+        factory = self.factory
+        now = factory.reactor.seconds()
         if self._buffer:
+            # A pipelined request has begun: its head is due from now.
+            self._headStart = now
+        else:
+            self._idleTimer = True
+            timeout = factory.clientTimeout
+            self._idleDeadline = now + timeout if timeout else float("inf")
+        # Usually later than where the timer stood (the head deadline of
+        # this request, at most a head phase after it began).
+        self._armTimeout(self._headPhase())
+        if self.factory.draining and not self._buffer:
+            self.close()
+            return
+        if self._buffer and self._writeBlockedAt is None:
             self._process()
 
     def abortResponse(self) -> None:
@@ -625,8 +822,12 @@ class HTTPServerFactory(Factory):
         maxHeaders: int = 100,
         secure: bool = False,
         clientCertificates: bool = False,
+        headerTimeout: Optional[float] = 10.0,
+        limits: Optional[ConnectionLimits] = None,
     ) -> None:
         self.handler = handler
+        self.headerTimeout = headerTimeout
+        self.limits = limits
         self.clientCertificates = clientCertificates
         self.reactor = reactor
         self.clientTimeout = clientTimeout
@@ -639,8 +840,16 @@ class HTTPServerFactory(Factory):
         self.counters: dict[str, int] = {}
         self._drained: list[Any] = []
 
-    def buildProtocol(self, addr: Any) -> HTTPServerProtocol:
-        p = HTTPServerProtocol()
+    def buildProtocol(self, addr: Any) -> Any:
+        limits = self.limits
+        if limits is not None and limits.active:
+            host = getattr(addr, "host", "") or ""
+            if not limits.admit(host):
+                return RefusedConnection()
+            p = HTTPServerProtocol()
+            p._admitted = host
+        else:
+            p = HTTPServerProtocol()
         p.factory = self
         return p
 
@@ -668,7 +877,10 @@ class HTTPServerFactory(Factory):
         self._drained.append(d)
         for conn in list(self.connections):
             if conn.isIdle():
-                conn.transport.loseConnection()
+                if isinstance(conn, HTTPServerProtocol):
+                    conn.close()
+                else:
+                    conn.transport.loseConnection()
         if self.connections:
             log.info(
                 "waiting up to {timeout}s for {n} connections to finish",

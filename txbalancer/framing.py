@@ -184,3 +184,46 @@ class ChunkedDecoder:
                 return buf
         self._pending = buf
         return None
+
+
+# -- request fields for a front end without a request line (HTTP/2): the
+# characters the HTTP/1.1 parser allows in the same places.
+
+# A request target: visible ASCII only; no CTL, no space, no 8-bit byte (a
+# URI is ASCII, and backends decode raw 8-bit bytes differently).  The
+# HTTP/1.1 request line's rule too (request.py).
+BAD_TARGET = re.compile(rb"[\x00-\x20\x7f-\xff]")
+# RFC 9110 7.2 / RFC 3986 3.2: uri-host [ ":" port ], without userinfo.
+# Used for Host and for the authority of an absolute-form target.
+AUTHORITY = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
+    rb"(?::[0-9]*)?\Z"
+)
+# (So no CTL, no space, no userinfo: RFC 9113 8.3.1 forbids userinfo in
+# :authority for http and https.)
+# A URI scheme (RFC 3986 3.1).
+SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*\Z")
+
+
+# Framing field names spelled with "_" for "-": servers that map names to
+# CGI-style variables (HTTP_TRANSFER_ENCODING) read them as the real thing,
+# so they are refused rather than passed on.
+FRAMING_LOOKALIKES = frozenset([b"content_length", b"transfer_encoding"])
+
+
+def fieldError(name: bytes, value: bytes) -> Optional[str]:
+    """
+    What is wrong with one header field as a client sent it, by the rules
+    every front end applies alike: the name a token and not a framing
+    field's look-alike, the value free of control characters other than
+    HTAB (so no CR, LF or NUL).
+
+    @return: the reason, or L{None} when the field is acceptable.
+    """
+    if not TOKEN.match(name):
+        return "malformed header name"
+    if name.lower() in FRAMING_LOOKALIKES:
+        return "framing header name with '_' for '-'"
+    if BAD_VALUE.search(value):
+        return "invalid character in header value"
+    return None

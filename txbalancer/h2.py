@@ -7,12 +7,18 @@ it, so each HTTP/2 stream is one L{txbalancer.proxy.ProxyExchange}, exactly
 as each HTTP/1.1 request is:
 
     - L{H2ProxyConnection} builds, for every stream, a
-      L{txbalancer.downstream.Request} from the HEADERS frame (C{:authority}
-      becomes C{Host}, cookie crumbs are joined) and hands it to the
+      L{txbalancer.downstream.Request} from the HEADERS frame, checked as
+      strictly as the HTTP/1.1 listener checks a request head and by RFC
+      9113's rules for HTTP/2 fields (a malformed one is answered on its
+      stream and never forwarded; C{:authority} becomes C{Host}, cookie
+      crumbs are joined), and hands it to the
       factory's handler with an L{H2StreamServer}, which implements the
       server side of the exchange (C{startResponse}, C{writeBody}, ...) on
       the stream; the request body streams in with per-stream flow control,
       the response streams out under the client's window.
+    - Flow control: a stream whose window is zero or negative (RFC 9113
+      6.9.2) waits for it to reopen; L{_WindowedPriority} keeps Twisted's
+      sending loop from over-sending or spinning on it.
     - Rapid reset (CVE-2023-44487): resets the client sends are counted per
       connection; past C{maxResets} within C{resetWindow} seconds it gets
       GOAWAY (ENHANCE_YOUR_CALM) and the connection is closed.
@@ -38,7 +44,7 @@ from hyperframe.frame import GoAwayFrame
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._http2 import H2Connection
+from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 from zope.interface import implementer
 
 from txbalancer.downstream import (
@@ -46,7 +52,15 @@ from txbalancer.downstream import (
     REASONS,
     Request,
 )
-from txbalancer.framing import FramingError, parseContentLength
+from txbalancer.framing import (
+    AUTHORITY,
+    BAD_TARGET,
+    SCHEME,
+    TOKEN,
+    FramingError,
+    fieldError,
+    parseContentLength,
+)
 from txbalancer.interfaces import IDownstream, IFrontEndConnection
 
 log = Logger()
@@ -67,12 +81,81 @@ _CONNECTION_SPECIFIC = frozenset(
 )
 
 
+# The pseudo-header fields of a request (RFC 9113 8.3.1); :protocol only for
+# extended CONNECT (RFC 8441), which is refused like any CONNECT.
+_REQUEST_PSEUDO = frozenset([b":method", b":scheme", b":authority", b":path", b":protocol"])
+
+# Connection-specific fields: a request with one is malformed (RFC 9113
+# 8.2.2); TE is allowed with the value "trailers" only.
+_CONNECTION_HEADERS = frozenset(
+    [b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"]
+)
+
+_WS = frozenset([b" ", b"\t"])
+
+
+class _StreamEvent:
+    """
+    What Twisted's handlers read of an h2 event: the stream (0 for the whole
+    connection), and for C{_requestReceived} headers, none here (the
+    balancer reads those itself).
+    """
+
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def __init__(self, streamID: int) -> None:
+        self.stream_id = streamID
+
+
+class _WindowedPriority:
+    """
+    The priority tree as Twisted's sending loop sees it: a stream whose
+    flow-control window is not positive is not offered for DATA, but
+    blocked until a window update or new settings open it again.
+
+    This covers C{twisted.web._http2.H2Connection._sendPrioritisedData}
+    (as of Twisted 26.10): it sizes the next DATA frame as
+    C{min(max_outbound_frame_size, local_flow_control_window(stream))}.
+    When the client lowers SETTINGS_INITIAL_WINDOW_SIZE after data was sent,
+    the window goes negative (legal, RFC 9113 6.9.2), the slice
+    C{frameData[:negative]} sends more than the window allows, h2 raises
+    FlowControlError out of the loop, which logs a critical traceback and is
+    never scheduled again: every stream on the connection stalls. At a
+    window of exactly zero the loop reschedules itself with C{callLater(0)}
+    until the window opens, a busy loop.
+    """
+
+    def __init__(self, tree: Any, connection: H2ProxyConnection) -> None:
+        self._tree = tree
+        self._connection = connection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tree, name)
+
+    def __iter__(self) -> _WindowedPriority:
+        return self
+
+    def __next__(self) -> int:
+        tree = self._tree
+        connection = self._connection
+        queues = connection._outboundStreamQueues
+        window = connection.conn.local_flow_control_window
+        while True:
+            # Raises priority.DeadlockError when every stream is blocked:
+            # the loop then waits for _wakeSender.
+            streamID = next(tree)
+            queue = queues.get(streamID)
+            if not queue or queue[0] is _END_STREAM_SENTINEL or window(streamID) > 0:
+                return streamID
+            tree.block(streamID)
+
+
 class _NoHeaders:
     """
     Stands in for C{Request.requestHeaders} inside Twisted's H2Stream: the
     balancer reads the headers from the HEADERS event itself (keeping their
-    order), and Twisted must not answer C{Expect: 100-continue} on its own
-    (the backend decides).
+    order) and hands Twisted none (L{_StreamEvent}); Twisted must not answer
+    C{Expect: 100-continue} on its own either (the backend decides).
     """
 
     def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
@@ -107,21 +190,37 @@ class _StreamRequest:
 
     def handleContentChunk(self, data: bytes) -> None:
         exchange = self.exchange
-        if exchange is None or self.refused:
+        if exchange is None or self.refused or not data:
+            # An empty DATA frame carries nothing; passed on, it would be
+            # an empty chunk, which ends a chunked body early.
             return
+        self.bodySeen += len(data)
         maxBody = self.connection.factory.maxBodySize
-        if maxBody is not None:
-            self.bodySeen += len(data)
-            if self.bodySeen > maxBody:
-                self.refuse(413, "request body too large")
-                return
+        if maxBody is not None and self.bodySeen > maxBody:
+            self.refuse(413, "request body too large")
+            return
+        length = self.server.request.contentLength
+        if length is not None and self.bodySeen > length:
+            # h2 checks this before us; repeated, as the backend reads the
+            # body by the Content-Length it was sent.
+            self.refuse(400, "body longer than content-length")
+            return
         exchange.bodyReceived(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         # The whole body has arrived.
         exchange = self.exchange
-        if exchange is not None and not self.refused:
-            exchange.bodyFinished()
+        if exchange is None or self.refused:
+            return
+        length = self.server.request.contentLength
+        if length is not None and self.bodySeen != length:
+            # Malformed (RFC 9113 8.1.1), and h2 does not notice when the
+            # stream ends with HEADERS (no DATA, or trailers). The backend
+            # was promised Content-Length bytes: its connection is aborted
+            # (clientGone), never reused with a body short of its length.
+            self.refuse(400, "body shorter than content-length")
+            return
+        exchange.bodyFinished()
 
     def connectionLost(self, reason: Any) -> None:
         server = self.server
@@ -199,10 +298,13 @@ class H2StreamServer:
     # -- writing
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.stream.registerProducer(producer, streaming)
+        self.stream.registerProducer(_WriteDeadline(producer, self), streaming)
 
     def unregisterProducer(self) -> None:
-        if self.stream.producer is not None:
+        producer = self.stream.producer
+        if producer is not None:
+            if isinstance(producer, _WriteDeadline):
+                producer._cancel()
             self.stream.unregisterProducer()
 
     def sendContinue(self) -> None:
@@ -269,6 +371,64 @@ class H2StreamServer:
         self.finishResponse()
 
 
+class _WriteDeadline:
+    """
+    The exchange as its stream's producer, with the write deadline of
+    C{--client-timeout}: Twisted pauses it while the client's flow-control
+    window for the stream is shut; paused that long without a window
+    update, the stream is reset and the exchange told the client is gone,
+    which frees its backend connection.  (A client that reads nothing at
+    all stops sending too, and Twisted's idle timeout of the connection
+    closes it; this covers a client that keeps the connection busy while
+    leaving one stream's window shut.)
+    """
+
+    def __init__(self, producer: Any, server: H2StreamServer) -> None:
+        self.producer = producer
+        self.server = server
+        self._call: Any = None
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+        connection = self.server.connection
+        timeout = connection.factory.clientTimeout
+        if timeout and self._call is None:
+            self._call = connection._reactor.callLater(timeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self._cancel()
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._cancel()
+        self.producer.stopProducing()
+
+    def _cancel(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _stalled(self) -> None:
+        self._call = None
+        server = self.server
+        if not server._active():
+            return
+        log.info(
+            "HTTP/2 client {peer} opened no window on stream {stream} for "
+            "{timeout}s: resetting it",
+            peer=server.connection.peer,
+            stream=server.streamID,
+            timeout=server.connection.factory.clientTimeout,
+        )
+        counters = server.connection.factory.counters
+        counters["write_timeout"] = counters.get("write_timeout", 0) + 1
+        server.abortResponse()
+        request = getattr(server.stream, "_request", None)
+        if request is not None:
+            # Twisted does not tell a stream it reset itself.
+            request.connectionLost(None)
+
+
 @implementer(IFrontEndConnection)
 class H2ProxyConnection(H2Connection):
     """
@@ -300,6 +460,7 @@ class H2ProxyConnection(H2Connection):
         self.secure = True
         self._goingAway = False
         self._lost = False
+        self.priority = _WindowedPriority(self.priority, self)
 
     def _makeRequest(self, stream: Any, queued: bool = False) -> _StreamRequest:
         return _StreamRequest(stream, self)
@@ -333,6 +494,29 @@ class H2ProxyConnection(H2Connection):
             self._lost = True
             self.factory.connections.discard(self)
             self.factory.connectionClosed()
+
+    # -- flow control (see _WindowedPriority)
+
+    def dataReceived(self, data: bytes) -> None:
+        window = self.conn.remote_settings.initial_window_size
+        H2Connection.dataReceived(self, data)
+        raised = self.conn.remote_settings.initial_window_size - window
+        if raised > 0 and self._stillProducing:
+            # A larger SETTINGS_INITIAL_WINDOW_SIZE opens every stream's
+            # window (RFC 9113 6.9.2); h2 applies it but reports no
+            # WindowUpdated, and Twisted ignores RemoteSettingsChanged.
+            self._handleWindowUpdate(_StreamEvent(0))
+
+    def _handleWindowUpdate(self, event: Any) -> None:
+        # Twisted unblocks the streams with data queued but does not wake a
+        # sending loop that found every stream blocked.
+        H2Connection._handleWindowUpdate(self, event)
+        self._wakeSender()
+
+    def _wakeSender(self) -> None:
+        waiting, self._sendingDeferred = self._sendingDeferred, None
+        if waiting is not None:
+            waiting.callback(None)
 
     # -- IFrontEndConnection, for a graceful stop
 
@@ -371,22 +555,19 @@ class H2ProxyConnection(H2Connection):
     # -- streams
 
     def _requestReceived(self, event: Any) -> None:
-        for name, value in event.headers:
-            if name == b"content-length" and not _DIGITS.match(value):
-                # Malformed (RFC 9113 8.1.1): a stream error, and Twisted
-                # must not see it (it would int() the value).
-                self.conn.reset_stream(
-                    event.stream_id, error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR
-                )
-                self._tryToWriteControlData()
-                return
-        H2Connection._requestReceived(self, event)
+        # The request is validated and built here, from the HEADERS event;
+        # Twisted's H2Stream gets none of the headers (it would int() a
+        # content-length and answer Expect itself), only the stream.
+        H2Connection._requestReceived(self, _StreamEvent(event.stream_id))
         stream = self.streams[event.stream_id]
         streamRequest = stream._request
         try:
             request = self._buildRequest(event)
         except _Refused as e:
-            streamRequest.server = H2StreamServer(stream, self, Request())
+            # The method decides whether the answer may have a body (HEAD).
+            refused = Request()
+            refused.method = dict(event.headers).get(b":method", b"")
+            streamRequest.server = H2StreamServer(stream, self, refused)
             streamRequest.refuse(e.status, e.reason)
             return
         server = H2StreamServer(stream, self, request)
@@ -405,51 +586,121 @@ class H2ProxyConnection(H2Connection):
         exchange.start()
 
     def _buildRequest(self, event: Any) -> Request:
+        """
+        The HTTP/1.1 request for a stream's HEADERS, held to the rules the
+        HTTP/1.1 listener applies (L{txbalancer.downstream.parseHead}) and
+        to RFC 9113 8.2 and 8.3.
+
+        Malformed requests: h2 itself (C{validate_inbound_headers}, on in
+        Twisted's configuration) already rejects uppercase or non-visible
+        characters in names, CR, LF and NUL and surrounding whitespace in
+        values, connection-specific fields, TE other than "trailers",
+        duplicate, unknown, misplaced or missing pseudo-headers, an empty
+        C{:path}, Host differing from C{:authority}, and a content-length
+        the DATA frames disagree with; it does so with a connection error
+        (GOAWAY PROTOCOL_ERROR), which RFC 9113 5.4.1 allows in place of a
+        stream error. What it lets through (a method or a name that is not
+        a token, other control characters, spaces in C{:path}, control
+        characters or userinfo in C{:authority}, the target's form,
+        CONNECT) is refused here with an HTTP response on the stream,
+        which RFC 9113 8.1.1 allows ("a server MAY send an HTTP response
+        prior to closing or resetting the stream"): a 400 with the reason,
+        as the HTTP/1.1 listener answers, and the stream ends. The checks h2
+        makes are repeated here too, so that nothing malformed reaches a
+        backend whatever h2's configuration or version.
+
+        @raise _Refused: the request is not forwarded.
+        """
         request = Request()
         request.version = b"HTTP/2"
         request.peer = self.peer
         request.addresses = self.addresses
         request.secure = self.secure
         request.received = self._reactor.seconds()
-        authority = None
-        method = path = None
+        pseudo: dict[bytes, bytes] = {}
+        regular = False
         headers = request.headers
         cookies = []
         lengths = []
-        expect = te = None
+        hosts = []
+        expect = None
+        teTrailers = False
         for name, value in event.headers:
             if name[:1] == b":":
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
+                if regular:
+                    raise _Refused(400, "pseudo-header field after a regular one")
+                if name not in _REQUEST_PSEUDO:
+                    raise _Refused(400, "unknown pseudo-header field")
+                if name in pseudo:
+                    raise _Refused(400, "repeated pseudo-header field")
+                pseudo[name] = value
                 continue
+            regular = True
+            problem = fieldError(name, value)
+            if problem is None and name != name.lower():
+                problem = "uppercase header name"
+            if problem is not None:
+                raise _Refused(400, problem)
+            if value[:1] in _WS or value[-1:] in _WS:
+                raise _Refused(400, "whitespace around a header value")
+            if name in _CONNECTION_HEADERS:
+                raise _Refused(400, "connection-specific header field")
             if name == b"cookie":
                 cookies.append(value)
                 continue
             if name == b"content-length":
+                if not _DIGITS.match(value):
+                    raise _Refused(400, "malformed Content-Length")
                 lengths.append(value)
+            elif name == b"host":
+                hosts.append(value)
+                continue
             elif name == b"expect":
                 expect = value.lower()
             elif name == b"te":
-                te = value.lower()
-            elif name == b"host":
-                if authority is not None:
-                    continue
-                authority = value
+                if value.lower() != b"trailers":
+                    raise _Refused(400, "TE other than trailers")
+                teTrailers = True
             headers.append((name, value))
-        if method is None or method == b"CONNECT":
-            raise _Refused(501 if method else 400, "CONNECT is not supported"
-                           if method else "no :method")
-        if not path or (path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS")):
+
+        method = pseudo.get(b":method")
+        if method is None:
+            raise _Refused(400, "no :method")
+        if not TOKEN.match(method):
+            raise _Refused(400, "malformed method")
+        if method == b"CONNECT":
+            # Plain and extended (:protocol) CONNECT alike, as on HTTP/1.1.
+            raise _Refused(501, "CONNECT is not supported")
+        if b":protocol" in pseudo:
+            raise _Refused(400, ":protocol without CONNECT")
+        scheme = pseudo.get(b":scheme")
+        if scheme is None or not SCHEME.match(scheme):
+            raise _Refused(400, "missing or malformed :scheme")
+        path = pseudo.get(b":path")
+        if not path or BAD_TARGET.search(path):
             raise _Refused(400, "malformed :path")
+        if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
+            # RFC 9113 8.3.1: origin-form, or "*" for OPTIONS; never the
+            # absolute form.
+            raise _Refused(400, "malformed :path")
+
+        if len(hosts) > 1:
+            raise _Refused(400, "more than one Host header")
+        authority = pseudo.get(b":authority")
+        if authority is None:
+            if not hosts:
+                raise _Refused(400, "no :authority or Host")
+            authority = hosts[0]
+        elif hosts and hosts[0].lower() != authority.lower():
+            # RFC 9113 8.3.1: SHOULD be treated as malformed.
+            raise _Refused(400, "Host differs from :authority")
+        if not authority or not AUTHORITY.match(authority):
+            # RFC 9110 4.2.1: an http(s) URI has a non-empty host.
+            raise _Refused(400, "malformed :authority")
+
         if cookies:
             headers.append((b"cookie", b"; ".join(cookies)))
-        if authority is not None:
-            headers[:] = [(n, v) for n, v in headers if n != b"host"]
-            headers.insert(0, (b"Host", authority))
+        headers.insert(0, (b"Host", authority))
         request.method = method
         request.target = path
         request.host = authority
@@ -458,6 +709,10 @@ class H2ProxyConnection(H2Connection):
                 request.contentLength = parseContentLength(lengths)
             except FramingError as e:
                 raise _Refused(e.status, e.reason)
+            if request.contentLength and event.stream_ended is not None:
+                # The HEADERS end the stream: no body, whatever the length
+                # says (h2 lets this through).
+                raise _Refused(400, "content-length without a body")
         elif event.stream_ended is not None:
             if method not in (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"):
                 request.contentLength = 0
@@ -469,7 +724,7 @@ class H2ProxyConnection(H2Connection):
             if expect != b"100-continue":
                 raise _Refused(417, "unsupported expectation")
             request.expectContinue = True
-        request.teTrailers = te == b"trailers"
+        request.teTrailers = teTrailers
         if hasattr(Request, "clientCert"):
             request.clientCert = self._clientCert()  # type: ignore[attr-defined]
         return request

@@ -6,8 +6,10 @@ this request?
 Which backends may be picked follows from their health, in one place
 (L{BackendPool._refresh}):
 
-- the primary backends that are up;
-- if none is up, the C{backup} backends that are up;
+- the primary backends (the lowest C{priority} present; C{priority=0} by
+  default) that are up;
+- if none is up, the backends of the next priority level that has one up
+  (C{backup} is priority 1; DNS SRV priorities become levels too);
 - in panic (fewer than C{panicThreshold} percent of the primaries up), all
   the primaries, up or not: better to spread the load over everything than
   to drown the few survivors.
@@ -77,11 +79,15 @@ class BackendPool(Service):
 
     def _refresh(self) -> None:
         # A disabled backend is out of the pool, for panic mode too.
-        primaries = [b for b in self.backends if not b.backup and not b.disabled]
+        enabled = [b for b in self.backends if not b.disabled]
+        levels = sorted({b.priority for b in enabled})
+        primaries = [b for b in enabled if b.priority == levels[0]] if levels else []
         up = [b for b in primaries if b.state == "up"]
-        available = up or [
-            b for b in self.backends if b.backup and b.state == "up" and not b.disabled
-        ]
+        available = up
+        for level in levels[1:]:
+            if available:
+                break
+            available = [b for b in enabled if b.priority == level and b.state == "up"]
         panic = bool(
             self.panicThreshold
             and primaries
@@ -107,6 +113,14 @@ class BackendPool(Service):
         for backend in available:
             backend.available = True
         self._available = available
+
+    def setPanicThreshold(self, percent: float) -> None:
+        """
+        A new C{panicThreshold} (a reload), applied to the backends now.
+        """
+        if percent != self.panicThreshold:
+            self.panicThreshold = percent
+            self._refresh()
 
     def setHealth(self, backend: Backend, state: str, reason: str = "") -> None:
         """
@@ -171,13 +185,15 @@ class BackendPool(Service):
     def update(self, backend: Backend, spec: Any) -> None:
         """
         C{backend} keeps its state, counters and connections, and takes the
-        weight, C{max_conns} and C{backup} of C{spec} (same address).
+        weight, C{max_conns} and C{priority} (C{backup}) of C{spec} (same
+        address).  A weight change reaches the chooser at once.
         """
         backend.spec = spec
         if backend not in self._ramping:
             backend.weight = spec.weight
         backend.maxConns = spec.max_conns
         backend.backup = spec.backup
+        backend.priority = spec.priority
         self._limited = any(b.maxConns for b in self.backends)
         self._refresh()
         self._wakeWaiters()

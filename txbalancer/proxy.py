@@ -132,6 +132,13 @@ class Forwarder:
     def __call__(self, request: Any, server: Any) -> "ProxyExchange":
         return ProxyExchange(self, request, server)
 
+    def setTrustedProxies(self, networks: Sequence[Any]) -> None:
+        """
+        Believe X-Forwarded-For from C{networks} from now on (a reload).
+        """
+        self.trustedProxies = tuple(networks)
+        self._trustCache.clear()
+
     def isTrusted(self, peer: str) -> bool:
         trusted = self._trustCache.get(peer)
         if trusted is None:

@@ -17,6 +17,8 @@ from typing import Any, Optional
 from zope.interface import implementer
 
 from txbalancer.framing import (
+    AUTHORITY,
+    BAD_TARGET,
     BAD_VALUE,
     CRLF,
     TOKEN,
@@ -26,16 +28,9 @@ from txbalancer.framing import (
 from txbalancer.headers import SET_BY_BALANCER, connectionTokens
 from txbalancer.interfaces import IRequestHead
 
-# A request target: visible ASCII only.  No CTL, no space, no 8-bit byte
-# (a URI is ASCII; backends decode raw 8-bit bytes differently).  The rest
-# goes upstream byte for byte.
-_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f-\xff]")
-# RFC 9110 7.2 / RFC 3986 3.2: uri-host [ ":" port ], without userinfo.
-# Used for Host and for the authority of an absolute-form target.
-AUTHORITY = re.compile(
-    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
-    rb"(?::[0-9]*)?\Z"
-)
+# A request target: visible ASCII only (framing.BAD_TARGET, shared with
+# HTTP/2).  The rest goes upstream byte for byte.
+_BAD_TARGET = BAD_TARGET
 # Field names a server behind the balancer may read with "_" as "-" (CGI,
 # WSGI, PHP and others map both X-Forwarded-For and X_Forwarded_For to
 # HTTP_X_FORWARDED_FOR): a client sending Content_Length or

@@ -209,6 +209,47 @@ def hstsSeconds(value: Any, option: str) -> Optional[int]:
     return _number(int, 0)(value, option)
 
 
+def dnsServer(value: Any, option: str) -> Optional[str]:
+    """
+    C{HOST:PORT} of a DNS server (an IP address; C{[::1]:53} for IPv6; the
+    port is 53 when left out), normalised to C{HOST:PORT}.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"{option}: expected HOST:PORT of a DNS server, got {value!r}"
+        )
+    host, port = splitDnsServer(value.strip(), option)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def splitDnsServer(value: str, option: str = "--dns-server") -> tuple[str, int]:
+    """
+    C{(host, port)} of a C{--dns-server} value.
+    """
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        portText = rest[1:] if rest.startswith(":") else ("" if not rest else None)
+    elif value.count(":") == 1:
+        host, _, portText = value.partition(":")
+    else:
+        host, portText = value, ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"{option}: {value!r} is not HOST:PORT with HOST an IP address "
+            "(e.g. 127.0.0.1:8600)"
+        ) from None
+    if portText is None or (portText and not portText.isdigit()):
+        raise ConfigError(f"{option}: bad port in {value!r} (expected HOST:PORT)")
+    port = int(portText) if portText else 53
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{option}: bad port in {value!r} (expected 1-65535)")
+    return host, port
+
+
 # -- tcp mode: coercers
 
 MODES = ("http", "tcp")
@@ -433,8 +474,9 @@ class BalancerConfig:
         "are replaced. [default: none]")
     clientTimeout: float = setting(
         "client-timeout", 60.0, seconds,
-        "Seconds a client connection may stay idle (or take to send its "
-        "request) before it is closed.")
+        "Seconds a client connection may stay idle between requests, send "
+        "no byte of a request body, or leave the response unread, before it "
+        "is closed (with 408 when no response has begun).")
     maxBodySize: Optional[int] = setting(
         "max-body-size", None, size,
         "Largest request body accepted, in bytes (suffixes k, m, g); larger "
@@ -490,7 +532,6 @@ class BalancerConfig:
     admin: Optional[str] = None
     adminToken: Optional[str] = None
     adminTokenFile: Optional[str] = None
-
     # -- tcp mode
     mode: str = setting(
         "mode", "http", mode,
@@ -505,6 +546,11 @@ class BalancerConfig:
         "tunnel-idle-timeout", 3600.0, seconds,
         "Seconds a TCP-mode (or WebSocket) tunnel may carry no byte either "
         "way before both sides are closed.")
+    # -- dns
+    dnsServer: Optional[str] = setting(
+        "dns-server", None, dnsServer,
+        "HOST:PORT of the DNS server that srv: backends are looked up on "
+        "(Consul: 127.0.0.1:8600). [default: the system's resolvers]")
 
     def listenerMode(self, listener: ListenerConfig) -> str:
         """
@@ -538,6 +584,23 @@ class BalancerConfig:
         "admin-token-file", None, optionalText,
         "Read the admin token from this file (surrounding whitespace is "
         "ignored).")
+
+    # -- slow clients
+    headerTimeout: float = setting(
+        "header-timeout", 10.0, seconds,
+        "Seconds a client has to send a whole request head, from its first "
+        "byte (from the connect, for a connection's first request); after "
+        "that it gets 408 and the connection is closed.")
+    maxConnections: int = setting(
+        "max-connections", 0, count,
+        "Client connections open at once, over every listener; at the limit "
+        "the listeners stop accepting (new connections wait in the kernel's "
+        "listen queue) until one closes. 0: unlimited. [default: unlimited]")
+    maxConnsPerIp: int = setting(
+        "max-conns-per-ip", 0, count,
+        "Client connections one address may have open at once; beyond it a "
+        "new connection from that address is closed at once. 0: unlimited. "
+        "[default: unlimited]")
 
     def pool(self, name: str) -> PoolConfig:
         for pool in self.pools:
@@ -719,6 +782,7 @@ _TOML_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {
     proxyProtocolVersion: ((str, int, bool), '"off", "v1" or "v2"'),
     size: ((int, str), 'a size in bytes: a number, or a string like "10M"'),
     hstsSeconds: ((int,), "a whole number of seconds"),
+    dnsServer: ((str,), 'HOST:PORT of a DNS server (a string like "127.0.0.1:8600")'),
 }
 
 

@@ -54,8 +54,10 @@ def _parameters() -> tuple[list[list[Any]], list[list[Any]]]:
     """
     parameters: list[list[Any]] = [
         ["backends", "b", None, "The backends file: one host:port per line, "
-         "optional flags weight=N, max_conns=N, backup. (required without "
-         "--config; with it, the backends of the pool named default)"],
+         "optional flags weight=N, max_conns=N, priority=N, backup; or "
+         "srv:NAME for the DNS SRV records of NAME (see --dns-server). SIGHUP "
+         "reads it again. (required without --config; with it, the backends "
+         "of the pool named default)"],
     ]
     flags: list[list[Any]] = []
     for s in commandLineSettings():
@@ -181,35 +183,66 @@ class Options(usage.Options):
         configFile = self["configFile"]
         if not self["backends"] and not configFile:
             raise usage.UsageError("--backends FILE (or --config FILE) is required")
-        given = self.given()
         try:
             # Values first: a usage mistake is reported before any file is read.
-            values = coerce(given)
+            coerce(self.given())
         except ConfigError as e:
             raise usage.UsageError(str(e))
         # A broken file is not a usage mistake: say what and where in one
         # line, without twistd's page of help.
-        pool = None
-        if self["backends"]:
-            try:
-                pool = PoolConfig(
-                    backends=load_backends(self["backends"]), source=self["backends"]
-                )
-            except ConfigError as e:
-                raise SystemExit(f"txbalancer: {e}")
-        listeners = self["port"] + self["tls"]
-        if configFile:
-            try:
-                self["config"] = load_config(
-                    configFile, commandLine=given, backends=pool, listeners=listeners
-                )
-            except ConfigError as e:
-                raise SystemExit(f"txbalancer: {e}")
-            return
         try:
-            self["config"] = build([pool], values, listeners or [ListenerConfig("tcp:8000")])
+            pool = self._defaultPool()
         except ConfigError as e:
+            raise SystemExit(f"txbalancer: {e}")
+        try:
+            self["config"] = self._readConfig(pool)
+        except ConfigError as e:
+            if configFile:
+                raise SystemExit(f"txbalancer: {e}")
             raise usage.UsageError(str(e))
+
+    def _defaultPool(self) -> Optional[PoolConfig]:
+        """
+        The pool of C{--backends}: a backends file read now, or C{srv:NAME}
+        (its backends come from DNS once running); L{None} without
+        C{--backends}.
+
+        @raise ConfigError: for a broken backends file.
+        """
+        source = self["backends"]
+        if not source:
+            return None
+        if source.startswith("srv:"):
+            return PoolConfig(backends=(), source=source)
+        return PoolConfig(backends=load_backends(source), source=source)
+
+    def _readConfig(self, pool: Optional[PoolConfig]) -> Any:
+        """
+        The configuration of the config file (or of C{--backends} alone),
+        with the command line's values over it.
+
+        @raise ConfigError: naming the file and line of a mistake.
+        """
+        given = self.given()
+        listeners = self["port"] + self["tls"]
+        if self["configFile"]:
+            return load_config(
+                self["configFile"],
+                commandLine=given,
+                backends=pool,
+                listeners=listeners,
+            )
+        return build([pool], given, listeners or [ListenerConfig("tcp:8000")])
+
+    def reloadConfig(self) -> Any:
+        """
+        The configuration read again from its files (the config file, every
+        backends file), the command line's values over it as at start-up:
+        what SIGHUP applies.
+
+        @raise ConfigError: naming the file and line of a mistake.
+        """
+        return self._readConfig(self._defaultPool())
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
@@ -233,6 +266,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
             config=options["config"],
             reactor=reactor,
             installSignalHandlers=installSignalHandlers,
+            reloader=options.reloadConfig,
         )
         balancer.listen()
     except ConfigError as e:

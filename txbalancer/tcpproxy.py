@@ -336,6 +336,24 @@ class TCPProxyFactory(Factory):
         self.needsClientKey = needsClientKey
         self.connections: set[TCPProxyProtocol] = set()
 
+    def usePool(
+        self,
+        pool: Any,
+        endpointFor: Callable[[Any], Any],
+        *,
+        proxyProtocol: Optional[str],
+        needsClientKey: bool,
+    ) -> None:
+        """
+        New connections go to C{pool} from now on (a reload gave the
+        listener's pool a new runtime); tunnels open now carry on.
+        """
+        self.pool = pool
+        self._endpointFor = endpointFor
+        self._endpoints = {}
+        self.proxyProtocol = proxyProtocol
+        self.needsClientKey = needsClientKey
+
     def endpointFor(self, backend: Any) -> Any:
         endpoint = self._endpoints.get(backend)
         if endpoint is None:

@@ -259,6 +259,9 @@ class ReloadResource(JSONResource):
             body: dict[str, Any] = {"reloaded": True}
             if isinstance(result, dict):
                 body.update(result)
+            elif hasattr(result, "summary"):
+                # A txbalancer.diff.ConfigDiff: what the reload changed.
+                body.update(result.summary())
             _write(request, jsonResponse(request, 200, body))
 
         def failed(f: Any) -> None:

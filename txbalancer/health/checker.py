@@ -230,6 +230,32 @@ class HealthChecker(Service):
         if rec is not None:
             self._halt(rec)
 
+    def configure(
+        self,
+        *,
+        path: str,
+        host: bytes | None,
+        interval: float,
+        timeout: float,
+        statusRange: tuple[int, int],
+    ) -> None:
+        """
+        Take new check settings (a reload): the next check of each backend
+        uses them, and a new C{interval} spaces the checks from the next one
+        on.  Health states and their counts are kept.
+        """
+        if not path.startswith("/"):
+            path = "/" + path
+        self.path = path
+        self.host = host
+        self.timeout = timeout
+        self.statusRange = statusRange
+        if interval != self.interval:
+            self.interval = interval
+            for rec in self._checked.values():
+                if rec.loop is not None:
+                    rec.loop.interval = interval
+
     def __contains__(self, backend: Any) -> bool:
         return backend in self._checked
 
