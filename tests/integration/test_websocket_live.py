@@ -302,3 +302,26 @@ def test_graceful_stop_closes_tunnel_last(script, balancer):
             kept.recv(timeout=30)
     assert lb.proc.wait(30) == 0
     assert "drain timeout" in lb.log_text()
+
+
+def test_reload_keeps_tunnel(script, balancer):
+    """A SIGHUP that removes a WebSocket's backend leaves its tunnel relaying; new handshakes go to the new backend, and the removal completes when the tunnel closes."""
+    import signal
+
+    from .support import write_backends
+
+    old = script("wsbackend")
+    new = script("wsbackend")
+    lb = balancer([old], "--no-health-checks")
+    with ws_connect(f"ws://{HOST}:{lb.port}/a", open_timeout=15, compression=None) as kept:
+        assert kept.recv(timeout=15) == "path /a"
+        write_backends(lb.backends_file, [new])
+        os.kill(lb.pid, signal.SIGHUP)
+        lb.wait_for_log("reload applied", 30)
+        assert lb.log_count(f"removing backend {old.address} (1 requests in flight)") == 1
+        kept.send("still here")
+        assert kept.recv(timeout=15) == "still here"
+        with ws_connect(f"ws://{HOST}:{lb.port}/b", open_timeout=15) as other:
+            assert other.recv(timeout=15) == "path /b"
+        assert lb.log_count(f"backend {old.address} removed") == 0
+    lb.wait_for_log(f"backend {old.address} removed", 30)
