@@ -246,6 +246,27 @@ class CountingTests(TunnelMixin, SynchronousTestCase):
             lb.acceptConnect().respond(SWITCH)
         self.assertEqual(len(ports), 1)
 
+    def test_sticky_cookie_applies(self) -> None:
+        """A handshake carrying the sticky cookie of a backend reaches that backend; one without gets the cookie with the 101."""
+        lb = InMemoryBalancer(
+            ["127.0.0.1:3001", "127.0.0.1:3002", "127.0.0.1:3003"], stickyCookie="lb"
+        )
+        chosen = lb.backend("127.0.0.1:3003")
+        cookie = lb.pool.cookieFor(chosen).encode("ascii")
+        for n in range(3):
+            client = lb.client(port=41000 + n)
+            client.send(HANDSHAKE.replace(b"\r\n\r\n", b"\r\nCookie: lb=" + cookie + b"\r\n\r\n"))
+            (attempt,) = lb.pendingConnects()
+            self.assertEqual(attempt.address, "127.0.0.1:3003")
+            lb.acceptConnect().respond(SWITCH)
+            self.assertNotIn(b"Set-Cookie", client.received())
+        client = lb.client(port=42000)
+        client.send(HANDSHAKE)
+        lb.acceptConnect().respond(SWITCH)
+        head = client.received().split(b"\r\n\r\n")[0]
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "))
+        self.assertIn(b"\r\nSet-Cookie: lb=", head)
+
     def test_graceful_stop_closes_tunnels_at_drain_timeout(self) -> None:
         """A graceful stop of the whole balancer keeps a tunnel relaying until the drain timeout, then closes it and finishes."""
         lb = InMemoryBalancer(["127.0.0.1:3001"], drainTimeout=20)
