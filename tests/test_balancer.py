@@ -93,6 +93,18 @@ class BuildTests(SynchronousTestCase):
         for cls in STRATEGIES.values():
             verifyObject(IStrategy, cls())
 
+    def test_fakes_provide_the_interfaces(self) -> None:
+        """The fakes of txbalancer.testing are checked against the interfaces they stand in for."""
+        from txbalancer.testing import RecordingHandler, serverProtocol
+
+        handler = RecordingHandler()
+        factory = HTTPServerFactory(handler, MemoryReactorClock())
+        protocol, transport = serverProtocol(factory)
+        protocol.dataReceived(GET)
+        (exchange,) = handler.exchanges
+        verifyObject(IExchange, exchange)
+        verifyObject(IDownstream, protocol)
+
 
 class InMemoryTests(SynchronousTestCase):
     def test_health_checks_run_on_the_clock(self) -> None:
@@ -431,3 +443,38 @@ class ChangingBackendsTests(SynchronousTestCase):
         self.assertEqual(backend.weight, 5)
         self.assertEqual(backend.requests, 7)
         self.assertIn(backend, self.lb.checker)
+
+
+class RedirectHttpsTests(SynchronousTestCase):
+    def redirected(self, tlsEndpoint: str, host: bytes = b"example.com:8080") -> bytes:
+        from txbalancer.settings import BalancerConfig, ListenerConfig, PoolConfig, build
+        from txbalancer.testing import backendSpecs
+        from txbalancer.tls import CertSpec
+
+        config = build(
+            [PoolConfig(backends=backendSpecs("127.0.0.1:3001"))],
+            {"redirectHttps": True},
+            listeners=[ListenerConfig("tcp:8080"),
+                       ListenerConfig(tlsEndpoint, tls=CertSpec("cert.pem", "key.pem"))],
+        )
+        self.assertIsInstance(config, BalancerConfig)
+        lb = InMemoryBalancer(config=config)
+        client = lb.client()
+        client.send(b"GET /a?b=1 HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        self.assertEqual(lb.pendingConnects(), [])
+        head = client.received().split(b"\r\n\r\n")[0]
+        self.assertTrue(head.startswith(b"HTTP/1.1 301 "), head)
+        (location,) = [line for line in head.split(b"\r\n") if line.startswith(b"Location: ")]
+        return location[len(b"Location: "):]
+
+    def test_redirect_keeps_the_tls_port(self) -> None:
+        """--redirect-https sends plain-HTTP clients to the TLS listener's port when it is not 443."""
+        self.assertEqual(self.redirected("tcp:8443"), b"https://example.com:8443/a?b=1")
+
+    def test_redirect_to_443_names_no_port(self) -> None:
+        """With the TLS listener on 443 the redirect names no port."""
+        self.assertEqual(self.redirected("tcp:443:interface=127.0.0.1"), b"https://example.com/a?b=1")
+
+    def test_redirect_ipv6_host(self) -> None:
+        """An IPv6 literal host keeps its brackets, and gets the TLS port."""
+        self.assertEqual(self.redirected("tcp:8443", b"[::1]:8080"), b"https://[::1]:8443/a?b=1")

@@ -14,7 +14,7 @@ import h2.errors
 import pytest
 from test_h2 import AUTHORITY, H2Client, request
 
-from txbalancer.downstream import REASONS
+from txbalancer.framing import REASONS
 from txbalancer.testing import InMemoryBalancer
 
 PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR

@@ -34,7 +34,15 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import alsoProvides, implementer
 
-from txbalancer.framing import CRLF, ChunkedDecoder, FramingError
+from txbalancer.framing import (
+    CRLF,
+    NO_BODY_STATUSES,
+    REASONS,
+    ChunkedDecoder,
+    FramingError,
+    errorResponse,
+    refusalMessage,
+)
 from txbalancer.interfaces import IDownstream, IFrontEndConnection, IHTTP11Downstream
 from txbalancer.limits import ConnectionLimits, RefusedConnection
 from txbalancer.request import BadRequest, Request, parseHead
@@ -51,27 +59,6 @@ __all__ = [
 ]
 
 log = Logger()
-
-# Statuses whose responses never carry a body.
-NO_BODY_STATUSES = frozenset([204, 304])
-
-REASONS = {
-    100: b"Continue",
-    101: b"Switching Protocols",
-    103: b"Early Hints",
-    200: b"OK",
-    400: b"Bad Request",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    417: b"Expectation Failed",
-    431: b"Request Header Fields Too Large",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-    505: b"HTTP Version Not Supported",
-}
 
 # Parser states; _TUNNEL: the connection was handed to a tunnel.
 _HEAD, _BODY, _CHUNKED, _DONE, _TUNNEL = range(5)
@@ -762,13 +749,7 @@ class HTTPServerProtocol(Protocol):
         if self._responding:
             self.abortResponse()
             return
-        body = message.encode("utf-8", "replace") + b"\n"
-        self.respond(
-            status,
-            REASONS.get(status, b"Error"),
-            [(b"Content-Type", b"text/plain; charset=utf-8")] + (headers or []),
-            body,
-        )
+        self.respond(status, *errorResponse(status, message, headers))
 
     def _refuse(self, status: int, reason: str) -> None:
         """
@@ -797,7 +778,7 @@ class HTTPServerProtocol(Protocol):
         if self._request is None:
             self._request = Request()
         self.factory.counters["refused"] = self.factory.counters.get("refused", 0) + 1
-        self.sendError(status, REASONS.get(status, b"Error").decode() + ": " + reason)
+        self.sendError(status, refusalMessage(status, reason))
 
 
 class HTTPServerFactory(Factory):

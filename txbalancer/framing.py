@@ -186,6 +186,57 @@ class ChunkedDecoder:
         return None
 
 
+# -- responses the balancer writes itself (every front end frames them)
+
+# Statuses whose responses never carry a body.
+NO_BODY_STATUSES = frozenset([204, 304])
+
+REASONS = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    103: b"Early Hints",
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+
+def errorResponse(
+    status: int,
+    message: str,
+    headers: Optional[list[tuple[bytes, bytes]]] = None,
+    contentType: bytes = b"Content-Type",
+) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+    """
+    C{(reason, headers, body)} of the short plain-text answer the balancer
+    gives itself (a 502, a refusal): the same on every front end.
+
+    @param contentType: how the front end spells the header (HTTP/2 wants
+        lowercase names).
+    """
+    return (
+        REASONS.get(status, b"Error"),
+        [(contentType, b"text/plain; charset=utf-8")] + (headers or []),
+        message.encode("utf-8", "replace") + b"\n",
+    )
+
+
+def refusalMessage(status: int, reason: str) -> str:
+    """
+    The text of a refusal: C{"Bad Request: header line without a colon"}.
+    """
+    return REASONS.get(status, b"Error").decode() + ": " + reason
+
 # -- request fields for a front end without a request line (HTTP/2): the
 # characters the HTTP/1.1 parser allows in the same places.
 

@@ -47,13 +47,12 @@ from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 from zope.interface import implementer
 
-from txbalancer.downstream import (
-    NO_BODY_STATUSES,
-    REASONS,
-    Request,
-)
+from txbalancer.request import Request
 from txbalancer.framing import (
     AUTHORITY,
+    NO_BODY_STATUSES,
+    errorResponse,
+    refusalMessage,
     BAD_TARGET,
     SCHEME,
     TOKEN,
@@ -250,7 +249,7 @@ class _StreamRequest:
         counters = self.connection.factory.counters
         counters["refused"] = counters.get("refused", 0) + 1
         if self.server is not None:
-            self.server.sendError(status, REASONS.get(status, b"Error").decode() + ": " + reason)
+            self.server.sendError(status, refusalMessage(status, reason))
 
 
 @implementer(IDownstream)
@@ -360,13 +359,8 @@ class H2StreamServer:
         if self.responding:
             self.abortResponse()
             return
-        body = message.encode("utf-8", "replace") + b"\n"
-        self.startResponse(
-            status,
-            REASONS.get(status, b"Error"),
-            [(b"content-type", b"text/plain; charset=utf-8")] + (headers or []),
-            len(body),
-        )
+        reason, headers, body = errorResponse(status, message, headers, b"content-type")
+        self.startResponse(status, reason, headers, len(body))
         self.writeBody(body)
         self.finishResponse()
 

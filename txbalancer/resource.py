@@ -42,7 +42,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from txbalancer.downstream import NO_BODY_STATUSES, REASONS, Request
+from txbalancer.framing import NO_BODY_STATUSES, REASONS, errorResponse, refusalMessage
+from txbalancer.request import Request
 from txbalancer.headers import connectionTokens
 from txbalancer.interfaces import IDownstream
 
@@ -339,13 +340,7 @@ class ResourceDownstream:
             return
         if self._state == _DONE:
             return
-        body = message.encode("utf-8", "replace") + b"\n"
-        self.respond(
-            status,
-            REASONS.get(status, b"Error"),
-            [(b"Content-Type", b"text/plain; charset=utf-8")] + (headers or []),
-            body,
-        )
+        self.respond(status, *errorResponse(status, message, headers))
 
     def refuse(self, status: int, reason: str) -> None:
         """
@@ -360,7 +355,7 @@ class ResourceDownstream:
             reason=reason,
         )
         self._closeEarly = True
-        self.sendError(status, REASONS.get(status, b"Error").decode() + ": " + reason)
+        self.sendError(status, refusalMessage(status, reason))
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         if self._state == _RESPONDING and not self._gone:

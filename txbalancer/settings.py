@@ -22,10 +22,10 @@ import dataclasses
 import difflib
 import ipaddress
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
+from txbalancer.framing import TOKEN
 from txbalancer.config import (
     BackendSpec,
     ConfigError,
@@ -51,8 +51,7 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 # pure module does not import).
 STRATEGY_NAMES = ("round-robin", "least-conn", "ip-hash", "random", "p2c", "least-time")
 
-# RFC 6265 cookie names are RFC 9110 tokens.
-_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# RFC 6265 cookie names are RFC 9110 tokens (framing.TOKEN, in bytes).
 
 
 # -- coercers: (value, option name) -> value, or ConfigError
@@ -174,7 +173,7 @@ def choice(*names: str) -> Callable[[Any, str], str]:
 def cookieName(value: Any, option: str) -> Optional[str]:
     if value is None:
         return None
-    if not isinstance(value, str) or not _COOKIE_NAME.match(value):
+    if not isinstance(value, str) or not value.isascii() or not TOKEN.match(value.encode()):
         raise ConfigError(f"{option}: {value!r} is not a cookie name")
     return value
 

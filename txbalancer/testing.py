@@ -30,9 +30,11 @@ from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from txbalancer.config import BackendSpec, parse_backends
 from txbalancer.downstream import HTTPServerFactory, HTTPServerProtocol, Request
+from txbalancer.interfaces import IExchange
 from txbalancer.pool import BackendPool
 from txbalancer.proxy import Forwarder
 from txbalancer.upstream import UpstreamConnection, UpstreamPool
@@ -106,6 +108,7 @@ class FakeTransport(StringTransport):
             )
 
 
+@implementer(IExchange)
 class RecordingExchange:
     """
     A stand-in for L{txbalancer.proxy.ProxyExchange}: it records every call

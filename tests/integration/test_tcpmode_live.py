@@ -402,3 +402,48 @@ def test_accept_proxy_protocol_v2(tcpbackend, balancer):
         line = read_line(sock)
         assert sock.recv(2) == b"ok"
     assert line == b"proxy v1 203.0.113.9 1111 10.1.2.3 2222\n"
+
+
+def test_admin_counts_tcp_connections_and_bytes(tcpbackend, balancer):
+    """The admin server's /status and /metrics count each backend's TCP-mode connections and bytes both ways."""
+    from .admin_support import admin
+    from .support import accepts, wait_for
+
+    echo = tcpbackend()
+    port = free_port()
+    lb = balancer([echo], "--mode", "tcp", "--admin", f"tcp:{port}:interface={HOST}")
+    wait_for(lambda: accepts(port), START_TIMEOUT, "the admin server")
+
+    def counters():
+        (b,) = admin(port, "GET", "/status").json()["pools"]["default"]["backends"]
+        return b
+
+    # The fixture's readiness probe was a connection too: count from here.
+    before = wait_for(lambda: (lambda b: b if b["in_flight"] == 0 else None)(counters()),
+                      10, "the probe's connection to end")
+    payload = b"x" * 10000
+    for _ in range(3):
+        with connect(lb.port) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            assert read_all(sock) == payload
+
+    seen = []
+
+    def counted():
+        b = counters()
+        seen.append(b)
+        done = b["connections"] - before["connections"] == 3
+        return b if done and b["bytes_in"] - before["bytes_in"] == 30000 else None
+
+    try:
+        b = wait_for(counted, 10, "the counters")
+    except AssertionError:
+        raise AssertionError(f"the last /status said {seen[-1:]}") from None
+    assert b["bytes_out"] - before["bytes_out"] == 30000
+    assert before["bytes_in"] == before["bytes_out"] == 0
+    metrics = admin(port, "GET", "/metrics").text
+    label = f'backend="{echo.address}",pool="default"'
+    assert f"txbalancer_backend_connections_total{{{label}}} {b['connections']:.1f}" in metrics
+    assert f"txbalancer_backend_sent_bytes_total{{{label}}} 30000.0" in metrics
+    assert f"txbalancer_backend_received_bytes_total{{{label}}} 30000.0" in metrics

@@ -117,6 +117,21 @@ class BalancerCollector:
             "txbalancer_backend_ejected", "1 while the backend is ejected.",
             labels=b,
         )
+        tcpConnections = CounterMetricFamily(
+            "txbalancer_backend_connections",
+            "TCP-mode client connections relayed to the backend.",
+            labels=b,
+        )
+        bytesIn = CounterMetricFamily(
+            "txbalancer_backend_received_bytes",
+            "TCP-mode bytes received from the backend.",
+            labels=b,
+        )
+        bytesOut = CounterMetricFamily(
+            "txbalancer_backend_sent_bytes",
+            "TCP-mode bytes sent to the backend.",
+            labels=b,
+        )
         poolInFlight = GaugeMetricFamily(
             "txbalancer_pool_in_flight",
             "Requests in flight in the pool, waiting ones included.",
@@ -167,6 +182,9 @@ class BalancerCollector:
                     for result, n in results.items():
                         checks.add_metric(labels + [result], n)
                 ejections.add_metric(labels, backend.ejections)
+                tcpConnections.add_metric(labels, backend.connections)
+                bytesIn.add_metric(labels, backend.bytesIn)
+                bytesOut.add_metric(labels, backend.bytesOut)
                 ejected.add_metric(
                     labels,
                     1 if outliers is not None and outliers.isEjected(backend) else 0,
@@ -178,7 +196,8 @@ class BalancerCollector:
             connections.add_metric([endpoint], len(factory.connections))
         yield from (
             requests, attempts, failures, latency, inFlight, up, state, weight,
-            checks, ejections, ejected, poolInFlight, queue, retries, connections,
+            checks, ejections, ejected, tcpConnections, bytesIn, bytesOut,
+            poolInFlight, queue, retries, connections,
         )
 
 

@@ -42,6 +42,10 @@ def backendStatus(runtime: Any, backend: Any, now: float) -> dict[str, Any]:
         "backup": backend.backup,
         "max_conns": backend.maxConns,
         "failures": backend.failures,
+        # TCP mode: connections relayed, and bytes each way.
+        "connections": backend.connections,
+        "bytes_in": backend.bytesIn,
+        "bytes_out": backend.bytesOut,
     }
     checker = runtime.checker
     health: dict[str, Any] = {"checks": bool(checker.active), "state_changed": backend.stateSince}
