@@ -38,6 +38,8 @@ setup(
             "hypothesis>=6",
             "docutils",
             "playwright>=1.40",
+            # A WebSocket echo backend and client for tests/integration.
+            "websockets>=12",
         ],
     },
     classifiers=[

@@ -30,6 +30,15 @@ class Recorder:
     def upstreamContinue(self) -> None:
         self.events.append(("continue",))
 
+    def upstreamInterim(self, status, reason, headers) -> None:
+        self.events.append(("interim", status, reason, headers))
+
+    def responseTrailers(self, trailers) -> None:
+        self.events.append(("trailers", trailers))
+
+    def upstreamSwitched(self, reason, headers, buffered) -> None:
+        self.events.append(("switched", reason, headers, buffered))
+
     def responseHead(self, status, reason, headers, length) -> None:
         self.events.append(("head", status, reason, headers, length))
 
@@ -59,8 +68,8 @@ class ConnectionTests(SynchronousTestCase):
         self.conn, self.transport = upstreamConnection(self.pool, self.backend)
         self.exchange = Recorder()
 
-    def send(self, head: bytes = HEAD, isHead: bool = False, chunked: bool = False, finish: bool = True):
-        self.conn.sendRequest(head, self.exchange, isHead, chunked)
+    def send(self, head: bytes = HEAD, isHead: bool = False, chunked: bool = False, finish: bool = True, upgrade: bool = False):
+        self.conn.sendRequest(head, self.exchange, isHead, chunked, upgrade)
         if finish:
             self.conn.finishBody()
 
@@ -102,7 +111,7 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(self.pool.idleCount(self.backend), 1)
 
     def test_chunked_response(self) -> None:
-        """A chunked response is decoded, its trailers dropped, and the connection kept."""
+        """A chunked response is decoded, its trailers handed over before the end, and the connection kept."""
         self.send()
         body = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nT: 1\r\n\r\n"
         for i in range(len(body)):
@@ -111,8 +120,41 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(head[1], 200)
         self.assertIsNone(head[4])
         self.assertEqual(self.exchange.data, b"hello world")
-        self.assertEqual(self.exchange.names()[-1], "finished")
+        self.assertEqual(self.exchange.names()[-2:], ["trailers", "finished"])
+        self.assertEqual(self.exchange.events[-2], ("trailers", [(b"T", b"1")]))
         self.assertEqual(self.pool.idleCount(self.backend), 1)
+
+    def test_trailers_not_carried_over(self) -> None:
+        """A reused connection's next response does not repeat the last one's trailers."""
+        self.send()
+        self.conn.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: 1\r\n\r\n"
+        )
+        self.exchange = Recorder()
+        self.send()
+        self.conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+        self.assertEqual(self.exchange.names(), ["head", "data", "finished"])
+
+    def test_101_to_an_upgrade(self) -> None:
+        """A 101 to an upgrade request hands the exchange the head and the bytes after it, and the connection leaves the pool."""
+        self.send(upgrade=True)
+        self.conn.dataReceived(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n\x81\x02hi"
+        )
+        (event,) = self.exchange.events
+        self.assertEqual(event[0], "switched")
+        self.assertEqual(event[3], b"\x81\x02hi")
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.pool.idleCount(self.backend), 0)
+
+    def test_upgrade_refused_not_reused(self) -> None:
+        """A normal answer to an upgrade request is passed on, and the connection is not reused."""
+        self.send(upgrade=True)
+        self.conn.dataReceived(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.exchange.names(), ["head", "finished"])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.pool.idleCount(self.backend), 0)
 
     def test_close_delimited_response(self) -> None:
         """A response without length runs until close, and its connection is never reused."""
@@ -135,14 +177,15 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(self.exchange.names(), ["continue", "head", "data", "finished"])
 
     def test_other_1xx_skipped(self) -> None:
-        """102 and 103 interim responses are skipped."""
+        """103 is handed over as an interim response; 102 is skipped."""
         self.send()
         self.conn.dataReceived(
             b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"
             b"HTTP/1.1 204 No Content\r\n\r\n"
         )
-        self.assertEqual(self.exchange.names(), ["head", "finished"])
-        self.assertEqual(self.exchange.events[0][1], 204)
+        self.assertEqual(self.exchange.names(), ["interim", "head", "finished"])
+        self.assertEqual(self.exchange.events[0], ("interim", 103, b"Early Hints", [(b"Link", b"</a>")]))
+        self.assertEqual(self.exchange.events[1][1], 204)
 
     def test_101_is_bad(self) -> None:
         """An unexpected 101 is a bad response."""

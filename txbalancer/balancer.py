@@ -190,6 +190,7 @@ class PoolRuntime:
             hsts=b.hsts,
             redirectHttps=b.redirectHttps,
             httpsPort=_httpsPort(b.listeners),
+            tunnelIdleTimeout=b.tunnelIdleTimeout,
             needsClientKey=config.strategy == "ip-hash",
             stickyCookie=config.stickyCookie,
             queueTimeout=config.queueTimeout if config.queueSize else 0.0,

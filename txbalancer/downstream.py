@@ -18,17 +18,21 @@ The handler contract, for one request at a time on a connection::
 
 and the exchange answers through the server's C{sendContinue},
 C{startResponse}, C{writeBody}, C{finishResponse}, C{abortResponse} and
-C{sendError}.
+C{sendError}; and, HTTP/1.1 only (L{IHTTP11Downstream}), C{sendInterim}
+(a 1xx such as 103 Early Hints), C{setTrailers}, and C{switchProtocols}
+with C{attachTunnel} (a WebSocket upgrade the backend accepted: from then
+on the connection is one side of a L{txbalancer.tunnel.Tunnel}, with no
+HTTP parsing and no client timeout).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from txbalancer.framing import (
     CRLF,
@@ -39,9 +43,10 @@ from txbalancer.framing import (
     errorResponse,
     refusalMessage,
 )
-from txbalancer.interfaces import IDownstream, IFrontEndConnection
+from txbalancer.interfaces import IDownstream, IFrontEndConnection, IHTTP11Downstream
 from txbalancer.limits import ConnectionLimits, RefusedConnection
 from txbalancer.request import BadRequest, Request, parseHead
+from txbalancer.tunnel import A
 
 __all__ = [
     "BadRequest",
@@ -55,11 +60,11 @@ __all__ = [
 
 log = Logger()
 
-# Parser states.
-_HEAD, _BODY, _CHUNKED, _DONE = range(4)
+# Parser states; _TUNNEL: the connection was handed to a tunnel.
+_HEAD, _BODY, _CHUNKED, _DONE, _TUNNEL = range(5)
 
 
-@implementer(IDownstream, IFrontEndConnection, IPushProducer)
+@implementer(IDownstream, IHTTP11Downstream, IFrontEndConnection, IPushProducer)
 class HTTPServerProtocol(Protocol):
     """
     One client connection, one request at a time (pipelined requests wait
@@ -113,6 +118,8 @@ class HTTPServerProtocol(Protocol):
         self._processing = False
         self._again = False
         self._clientCert: Any = False
+        self._trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self.tunnel: Any = None
         self.peer = ""
         self.addresses: Any = None
         self.secure = False
@@ -157,6 +164,9 @@ class HTTPServerProtocol(Protocol):
             factory.limits.release(self._admitted)
             self._admitted = None
         self._cancelTimeout()
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.connectionLost(A, reason)
         exchange = self._exchange
         if exchange is not None:
             self._exchange = None
@@ -324,6 +334,10 @@ class HTTPServerProtocol(Protocol):
                 self.transport.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.dataReceived(A, data)
+            return
         if self._idleTimer:
             # The first byte of a request: its head is due headerTimeout
             # from now (the timer, due within a head phase, checks).
@@ -378,6 +392,8 @@ class HTTPServerProtocol(Protocol):
         factory = self.factory
         while self._buffer and not self._disconnected:
             state = self._state
+            if state == _TUNNEL:
+                return
             if state == _HEAD:
                 buf = self._buffer
                 if buf[:2] == CRLF:
@@ -504,6 +520,94 @@ class HTTPServerProtocol(Protocol):
         if not self._responding and not self._disconnected:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def sendInterim(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """
+        Pass on an interim (1xx) response such as 103 Early Hints, to an
+        HTTP/1.1 client (RFC 9110 15.2: never to an HTTP/1.0 one).
+        """
+        request = self._request
+        if (
+            self._responding
+            or self._disconnected
+            or request is None
+            or request.version != b"HTTP/1.1"
+        ):
+            return
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown"))]
+        for name, value in headers:
+            lines.append(name + b": " + value + CRLF)
+        lines.append(CRLF)
+        self.transport.write(b"".join(lines))
+
+    def setTrailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        Trailer fields to end the chunked response with: written only when
+        the client said it accepts them (C{TE: trailers}), dropped otherwise.
+        """
+        request = self._request
+        if request is not None and request.teTrailers:
+            self._trailers = trailers
+
+    def switchProtocols(
+        self, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[Any, bytes]:
+        """
+        The backend accepted the upgrade: write the C{101} head (C{headers}
+        are end-to-end; C{Connection: Upgrade} and the client's C{Upgrade}
+        are added), stop parsing HTTP, stop the client timeout and every
+        pause, and hand over the transport.
+
+        @return: the transport, and the bytes already read past the
+            request's head (the first frames the client sent at once).
+        """
+        request = self._request
+        self._state = _TUNNEL
+        self._pendingStart = False
+        self._exchange = None
+        self._responding = True
+        # No deadline of this protocol's applies to a tunnel (it has its
+        # idle timeout), and the tunnel registers its own producers: the
+        # write deadline's registration ends here.
+        self._cancelTimeout()
+        self._producer = None
+        self._writeBlockedAt = None
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
+        lines = [b"HTTP/1.1 101 " + (reason or REASONS[101]) + CRLF]
+        for name, value in headers:
+            lines.append(name + b": " + value + CRLF)
+        lines.append(b"Connection: Upgrade\r\n")
+        for name, value in request.headers:
+            if name.lower() == b"upgrade":
+                lines.append(b"Upgrade: " + value + CRLF)
+        lines.append(CRLF)
+        self.transport.write(b"".join(lines))
+        if self._pauses:
+            self._pauses.clear()
+            self.transport.resumeProducing()
+        buffered, self._buffer = self._buffer, b""
+        return self.transport, buffered
+
+    def attachTunnel(self, tunnel: Any) -> None:
+        """
+        From now on what the client sends, its half-close and its leaving
+        go to C{tunnel} as its side C{A}.
+        """
+        self.tunnel = tunnel
+        alsoProvides(self, IHalfCloseableProtocol)
+
+    # IHalfCloseableProtocol, provided once a tunnel is attached.
+
+    def readConnectionLost(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.readConnectionLost(A)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
     def startResponse(
         self,
         status: int,
@@ -526,7 +630,9 @@ class HTTPServerProtocol(Protocol):
             # cannot tell where the next request would start without
             # reading the rest, so this connection ends with the response.
             self._keepAlive = False
-        if self.factory.draining:
+        if self.factory.draining or request.websocket:
+            # A refused WebSocket handshake: what the client sent after it
+            # may be frames, never to be read as the next request.
             self._keepAlive = False
         http11 = request.version == b"HTTP/1.1"
         lines = [
@@ -580,7 +686,16 @@ class HTTPServerProtocol(Protocol):
         next request on this connection or close it.
         """
         if self._chunkedResponse and self._bodyAllowed:
-            self.transport.write(b"0\r\n\r\n")
+            trailers, self._trailers = self._trailers, None
+            if trailers:
+                self.transport.write(
+                    b"0\r\n"
+                    + b"".join(n + b": " + v + CRLF for n, v in trailers)
+                    + CRLF
+                )
+            else:
+                self.transport.write(b"0\r\n\r\n")
+        self._trailers = None
         self._exchange = None
         self._request = None
         self._responding = False

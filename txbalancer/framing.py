@@ -81,14 +81,18 @@ _SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = range(5)
 class ChunkedDecoder:
     """
     Decodes a chunked body (RFC 9112 7.1) as its bytes arrive.  Trailer
-    fields are read, checked and dropped.
+    fields are read, checked, and kept in C{trailers} for whoever wants
+    to pass them on.
 
     @ivar sawSize: whether a chunk-size line has been read and checked.
     @ivar declared: the sum of the chunk sizes read so far.
+    @ivar trailers: the trailer fields, C{(name, value)} pairs in arrival
+        order, once the body has ended (empty if it had none).
     """
 
     __slots__ = ("_state", "_remaining", "_pending", "_trailerBytes",
-                 "maxTrailerSize", "maxBodySize", "sawSize", "declared")
+                 "maxTrailerSize", "maxBodySize", "sawSize", "declared",
+                 "trailers")
 
     def __init__(
         self, maxTrailerSize: int = 32 * 1024, maxBodySize: Optional[int] = None
@@ -101,6 +105,7 @@ class ChunkedDecoder:
         self.maxBodySize = maxBodySize
         self.sawSize = False
         self.declared = 0
+        self.trailers: list[tuple[bytes, bytes]] = []
 
     def feed(self, data: bytes, deliver: Callable[[bytes], object]) -> Optional[bytes]:
         """
@@ -171,10 +176,10 @@ class ChunkedDecoder:
                 if self._trailerBytes > self.maxTrailerSize:
                     raise FramingError(431, "trailer section too large")
                 name, colon, value = line.partition(b":")
-                if not colon or not TOKEN.match(name) or BAD_VALUE.search(
-                    value.strip(b" \t")
-                ):
+                value = value.strip(b" \t")
+                if not colon or not TOKEN.match(name) or BAD_VALUE.search(value):
                     raise FramingError(400, "malformed trailer field")
+                self.trailers.append((name, value))
             else:
                 return buf
         self._pending = buf
@@ -188,6 +193,8 @@ NO_BODY_STATUSES = frozenset([204, 304])
 
 REASONS = {
     100: b"Continue",
+    101: b"Switching Protocols",
+    103: b"Early Hints",
     200: b"OK",
     400: b"Bad Request",
     404: b"Not Found",

@@ -40,6 +40,10 @@ class IRequestHead(Interface):
     keepAlive = Attribute("Whether the client keeps the connection after this.")
     expectContinue = Attribute("Whether the client waits for 100 Continue.")
     upgrade = Attribute("Whether the client asked for a protocol upgrade.")
+    websocket = Attribute(
+        "Whether the request is a WebSocket handshake the balancer forwards "
+        "as an upgrade (only HTTP/1.1 front ends set it)."
+    )
     teTrailers = Attribute("Whether the client accepts trailers (TE: trailers).")
     clientCert = Attribute("The subject of a verified TLS client certificate, or None.")
     peer = Attribute("The client's address (the TCP peer), str.")
@@ -179,4 +183,35 @@ class IStrategy(Interface):
     def forget(backend: object) -> None:
         """
         C{backend} left the pool: drop what is kept about it.
+        """
+
+
+class IHTTP11Downstream(IDownstream):
+    """
+    What only the HTTP/1.1 front end offers: interim responses, trailers,
+    and handing the connection over to a tunnel after a WebSocket upgrade.
+    """
+
+    tunnel = Attribute("The tunnel the connection became part of, or None.")
+
+    def sendInterim(status: int, reason: bytes, headers: list) -> None:
+        """
+        Pass on an interim (1xx) response, to HTTP/1.1 clients only.
+        """
+
+    def setTrailers(trailers: list) -> None:
+        """
+        End the chunked response with these trailer fields, if the client
+        accepts trailers (C{TE: trailers}); otherwise they are dropped.
+        """
+
+    def switchProtocols(reason: bytes, headers: list) -> tuple:
+        """
+        Write the C{101} head, stop speaking HTTP, and return the transport
+        and the bytes already read past the request head.
+        """
+
+    def attachTunnel(tunnel: object) -> None:
+        """
+        What the client sends from now on goes to C{tunnel}, as its side A.
         """

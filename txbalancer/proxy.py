@@ -7,6 +7,13 @@ A L{Forwarder} is the handler an L{txbalancer.downstream.HTTPServerFactory}
 calls for each request; it makes a L{ProxyExchange}, which lives for that
 one request and talks to the client side (the server protocol) and the
 backend side (an L{txbalancer.upstream.UpstreamConnection}).
+
+A WebSocket handshake (C{request.websocket}, HTTP/1.1 only) is forwarded
+with its C{Upgrade} and C{Connection: Upgrade}; when the backend answers
+C{101}, the client's connection and the backend's are handed over to a
+L{txbalancer.tunnel.Tunnel}, which relays them byte for byte until either
+side ends.  The tunnel stays in flight on its backend (least-conn counts
+it, a removed backend waits for it) until it closes.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
@@ -28,7 +36,8 @@ from txbalancer.headers import (
     forwardedHeaders,
     isTrusted,
 )
-from txbalancer.interfaces import IExchange
+from txbalancer.interfaces import IExchange, IHTTP11Downstream
+from txbalancer.tunnel import A, B, Tunnel
 from txbalancer.upstream import UpstreamConnection
 
 log = Logger()
@@ -48,6 +57,23 @@ PENDING_LIMIT = 64 * 1024
 # without registering the backend as the client's producer.
 SMALL_RESPONSE = 64 * 1024
 
+# The phases of a ProxyExchange (see its docstring).
+WAITING = "WAITING"
+CHOOSING = "CHOOSING"
+QUEUED = "QUEUED"
+CONNECTING = "CONNECTING"
+SENT = "SENT"
+RESPONDING = "RESPONDING"
+TUNNEL = "TUNNEL"
+DONE = "DONE"
+
+# Trailer fields never passed on (RFC 9110 6.5.1: framing, routing and
+# authentication are not a trailer's to set); hop-by-hop ones go anyway.
+TRAILER_DROP = frozenset(
+    [b"host", b"content-type", b"content-encoding", b"content-range",
+     b"authorization", b"set-cookie", b"cache-control", b"expect"]
+)
+
 
 class Forwarder:
     """
@@ -58,6 +84,8 @@ class Forwarder:
     @param trustedProxies: networks whose X-Forwarded-For is believed.
     @param backendTimeout: seconds to wait for a response head.
     @param accessLog: an L{txbalancer.accesslog.AccessLog}, or L{None}.
+    @param tunnelIdleTimeout: seconds a WebSocket tunnel may carry no byte
+        either way before both sides are closed (C{--tunnel-idle-timeout}).
 
     @ivar inFlight: requests started and not yet finished.
     @ivar retries: attempts after a request's first (another backend, or a
@@ -78,8 +106,10 @@ class Forwarder:
         hsts: Optional[int] = None,
         redirectHttps: bool = False,
         httpsPort: Optional[int] = None,
+        tunnelIdleTimeout: Optional[float] = 3600.0,
     ) -> None:
         self.pool = pool
+        self.tunnelIdleTimeout = tunnelIdleTimeout
         self.httpsPort = httpsPort
         self.hsts = (
             (b"Strict-Transport-Security", b"max-age=%d" % (hsts,))
@@ -145,6 +175,31 @@ class ProxyExchange:
 
     It is also the push producer registered with the client's transport
     while a response streams: a slow client pauses the backend.
+
+    @ivar _phase: where the exchange is in its life, one of:
+
+        - C{WAITING}: made by the front end, which has not called
+          C{start()} yet (the head is parsed; the body may be arriving,
+          kept in C{pending}).
+        - C{CHOOSING}: started; asking the pool for a backend (again, on
+          a retry).  Passed through synchronously.
+        - C{QUEUED}: every backend is at its C{max_conns}; waiting in the
+          pool's queue for C{backendFreed()} (or the queue timeout).
+        - C{CONNECTING}: a backend is chosen; waiting for a new
+          connection to it.
+        - C{SENT}: the head is with the backend (the body may still be
+          streaming to it); waiting for the response head.  A lost
+          connection or a timeout here may go back to C{CHOOSING}.
+        - C{RESPONDING}: the response head was passed to the client; the
+          body is streaming.
+        - C{TUNNEL}: the backend accepted a WebSocket upgrade (C{101});
+          both connections are spliced by C{tunnel} until one side ends.
+        - C{DONE}: answered, failed, or the client left.  Final.
+
+    Facts that hold across phases are kept apart: C{bodyDone} (the client
+    sent its whole body), C{_producing} (registered as the client's
+    producer), C{_clientPaused}, C{_timedOutOnce} and C{_retriedFresh}
+    (retries already spent).
     """
 
     def __init__(self, forwarder: Forwarder, request: Any, server: Any) -> None:
@@ -162,10 +217,8 @@ class ProxyExchange:
         self.pendingSize = 0
         self.replay: Optional[list[bytes]] = []
         self.replaySize = 0
+        self._phase = WAITING
         self.bodyDone = False
-        self.started = False
-        self.finished = False
-        self.responded = False
         self.status = 0
         self.sentBytes = 0
         self.errors: list[str] = []
@@ -178,7 +231,6 @@ class ProxyExchange:
         self._timedOutOnce = False
         self._retriedFresh = False
         self._activeBackend: Optional[Backend] = None
-        self._queued = False
         self._sentAt = 0.0
         self._connectStart = 0.0
         self.connectTime: Optional[float] = None
@@ -190,6 +242,29 @@ class ProxyExchange:
         self.clientKey: Optional[str] = None
         self.cookieValue: Optional[str] = None
         self.proxyHeader = b""  # -- tcp mode: the PROXY header, if sent
+        self.tunnel: Optional[Tunnel] = None
+
+    @property
+    def started(self) -> bool:
+        """
+        Whether the exchange has left C{WAITING}.
+        """
+        return self._phase is not WAITING
+
+    @property
+    def finished(self) -> bool:
+        """
+        Whether the exchange is C{DONE}.
+        """
+        return self._phase is DONE
+
+    @property
+    def responded(self) -> bool:
+        """
+        Whether a response head has been passed to the client (and the
+        exchange is not yet C{DONE}).
+        """
+        return self._phase is RESPONDING
 
     # -- from the client side
 
@@ -197,9 +272,9 @@ class ProxyExchange:
         """
         The head is parsed (and the first body bytes checked): go.
         """
-        if self.finished:
+        if self._phase is not WAITING:
             return
-        self.started = True
+        self._phase = CHOOSING
         forwarder = self.forwarder
         forwarder.inFlight += 1
         request = self.request
@@ -228,7 +303,7 @@ class ProxyExchange:
 
     def bodyReceived(self, data: bytes) -> None:
         conn = self.conn
-        if conn is not None and self.started:
+        if conn is not None:
             conn.writeBody(data)
             self._keepForReplay(data)
         else:
@@ -240,7 +315,7 @@ class ProxyExchange:
     def bodyFinished(self) -> None:
         self.bodyDone = True
         conn = self.conn
-        if conn is not None and self.started:
+        if conn is not None:
             conn.finishBody()
             self._stopBodyProducer()
             self._startTimeout()
@@ -250,12 +325,12 @@ class ProxyExchange:
         The client left (or sent something unforwardable): stop the work
         done on its behalf and free what it held.
         """
-        if self.finished:
+        phase = self._phase
+        if phase is DONE:
             return
-        if not self.responded:
+        if phase is not RESPONDING:
             self.status = 499  # nginx's "client closed request"
-        if self._queued:
-            self._queued = False
+        if phase is QUEUED:
             self.forwarder.pool.dequeue(self)
         self._finish()
         if self._connecting is not None:
@@ -275,6 +350,7 @@ class ProxyExchange:
         or to the backend the pool picks.
         """
         forwarder = self.forwarder
+        self._phase = CHOOSING
         if self.backend is not None:
             forwarder.retries += 1
         if chosen is None:
@@ -304,6 +380,7 @@ class ProxyExchange:
         if conn is not None:
             self._connected(conn)
             return
+        self._phase = CONNECTING
         self._connectStart = forwarder.reactor.seconds()
         d = forwarder.upstreams.connect(backend, self.proxyHeader)
         self._connecting = d
@@ -312,12 +389,13 @@ class ProxyExchange:
 
     def _connected(self, conn: UpstreamConnection) -> None:
         self._connecting = None
-        if self.finished:
+        if self._phase is DONE:
             # The client left while we were connecting: keep the
             # connection for someone else.
             self.forwarder.upstreams.release(conn)
             return
         self.conn = conn
+        self._phase = SENT
         now = self.forwarder.reactor.seconds()
         self.connectTime = now - self._connectStart if not conn.reused else 0.0
         head = self._head
@@ -325,7 +403,9 @@ class ProxyExchange:
             head = self._head = self._buildHead(conn.backend)
         request = self.request
         self._sentAt = now
-        conn.sendRequest(head, self, request.method == b"HEAD", request.chunked)
+        conn.sendRequest(
+            head, self, request.method == b"HEAD", request.chunked, request.websocket
+        )
         if self.pending:
             pending, self.pending = self.pending, []
             self.pendingSize = 0
@@ -346,7 +426,7 @@ class ProxyExchange:
         C{backendTimeout} seconds to start its answer.
         """
         timeout = self.forwarder.backendTimeout
-        if timeout and not self.responded:
+        if timeout and self._phase is SENT:
             self._timeoutCall = self.forwarder.reactor.callLater(
                 timeout, self._timedOut
             )
@@ -354,7 +434,7 @@ class ProxyExchange:
     def _connectFailed(self, failure: Any, backend: Backend) -> None:
         self._connecting = None
         self._releaseBackend()
-        if self.finished or failure.check(CancelledError):
+        if self._phase is DONE or failure.check(CancelledError):
             return
         self._strike(backend)
         self.errors.append(f"{backend.address} {describe(failure.value)}")
@@ -386,6 +466,9 @@ class ProxyExchange:
         if request.teTrailers:
             # TE is hop-by-hop, but "trailers" in it is kept (DESIGN.md).
             lines.append(b"TE: trailers\r\n")
+        if request.websocket:
+            # Hop-by-hop, but the point of a WebSocket handshake.
+            lines.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
         if request.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         elif request.contentLength is not None:
@@ -429,7 +512,7 @@ class ProxyExchange:
     def _wait(self) -> None:
         forwarder = self.forwarder
         if forwarder.queueTimeout and forwarder.pool.enqueue(self):
-            self._queued = True
+            self._phase = QUEUED
             self._timeoutCall = forwarder.reactor.callLater(
                 forwarder.queueTimeout, self._queueTimedOut
             )
@@ -442,14 +525,12 @@ class ProxyExchange:
         The pool has room again: try to pick a backend (this exchange left
         the queue).
         """
-        self._queued = False
         self._cancelTimeout()
-        if not self.finished:
+        if self._phase is QUEUED:
             self._attempt(None)
 
     def _queueTimedOut(self) -> None:
         self._timeoutCall = None
-        self._queued = False
         self.forwarder.pool.dequeue(self)
         self._fail(
             503,
@@ -463,6 +544,102 @@ class ProxyExchange:
         if self.request.expectContinue and not self.bodyDone:
             self.server.sendContinue()
 
+    def upstreamInterim(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """
+        An interim response other than 100 (103 Early Hints): passed on
+        to an HTTP/1.1 client; other front ends drop it.
+        """
+        server = self.server
+        if IHTTP11Downstream.providedBy(server):
+            server.sendInterim(status, reason, endToEnd(headers))
+
+    def responseTrailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        The chunked response ended with trailer fields: passed on to a
+        client that accepts them (the front end decides), minus the ones a
+        trailer may not carry.
+        """
+        server = self.server
+        if IHTTP11Downstream.providedBy(server):
+            kept = endToEnd(trailers, TRAILER_DROP)
+            if kept:
+                server.setTrailers(kept)
+
+    def upstreamSwitched(
+        self, reason: bytes, headers: list[tuple[bytes, bytes]], buffered: bytes
+    ) -> None:
+        """
+        The backend answered the WebSocket handshake with C{101}: splice
+        the two connections.  C{buffered} is what the backend sent past the
+        101's head (its first frames).
+        """
+        conn, self.conn = self.conn, None
+        self._cancelTimeout()
+        self._stopBodyProducer()
+        self._stopProducing()
+        self._phase = TUNNEL
+        self.replay = None
+        self.status = 101
+        forwarder = self.forwarder
+        backend = self.backend
+        pool = forwarder.pool
+        pool.attemptFinished(backend, True)
+        now = forwarder.reactor.seconds()
+        self.firstByteTime = now - self._sentAt
+        pool.observe(backend, self.firstByteTime)
+        backend.stats.record(101, self.firstByteTime, now)
+        headers = endToEnd(headers)
+        if forwarder.stickyCookie is not None:
+            value = pool.cookieFor(backend)
+            if value != self.cookieValue:
+                headers.append((b"Set-Cookie", _setCookie(
+                    forwarder.stickyCookie, value, self.request.secure)))
+        clientTransport, clientBuffered = self.server.switchProtocols(reason, headers)
+        tunnel = self.tunnel = Tunnel(
+            clientTransport,
+            conn.transport,
+            forwarder.reactor,
+            idleTimeout=forwarder.tunnelIdleTimeout,
+            onClose=self._tunnelClosed,
+            backend=backend,
+        )
+        self.server.attachTunnel(tunnel)
+        conn.attachTunnel(tunnel)
+        log.debug(
+            "{peer} {target}: WebSocket tunnel to {backend} open",
+            peer=self.request.peer,
+            target=self.target.decode("latin-1"),
+            backend=backend.address,
+        )
+        if buffered:
+            tunnel.dataReceived(B, buffered)
+        if clientBuffered:
+            tunnel.dataReceived(A, clientBuffered)
+
+    def _tunnelClosed(self, tunnel: Tunnel, side: Optional[int], reason: Any) -> None:
+        """
+        The first side of the tunnel went (or it idled out): the other is
+        closing, and the tunnel no longer counts against its backend.
+        """
+        self.sentBytes = tunnel.bytesBtoA
+        backend = self.backend
+        if (
+            side == B
+            and backend is not None
+            and reason is not None
+            and not reason.check(ConnectionDone)
+        ):
+            backend.failures += 1
+            log.info(
+                "backend {backend} reset the WebSocket tunnel of {peer}: {why}",
+                backend=backend.address,
+                peer=self.request.peer,
+                why=reason.getErrorMessage(),
+            )
+        self._finish()
+
     def responseHead(
         self,
         status: int,
@@ -471,7 +648,7 @@ class ProxyExchange:
         length: Optional[int],
     ) -> None:
         self._armIdleTimeout()
-        self.responded = True
+        self._phase = RESPONDING
         self.replay = None
         self.status = status
         forwarder = self.forwarder
@@ -526,10 +703,11 @@ class ProxyExchange:
         self._stopProducing()
         backend = self.backend
         self._releaseBackend()
-        if self.finished:
+        phase = self._phase
+        if phase is DONE:
             return
         why = describe(getattr(reason, "value", reason))
-        if self.responded:
+        if phase is RESPONDING:
             # The head was counted a success; the body breaking off is
             # the backend's doing all the same.
             if backend is not None:
@@ -650,7 +828,7 @@ class ProxyExchange:
 
     def _timedOut(self) -> None:
         self._timeoutCall = None
-        if self.responded:
+        if self._phase is RESPONDING:
             self._bodyTimedOut()
             return
         backend = self.backend
@@ -727,7 +905,7 @@ class ProxyExchange:
         self.server.abortResponse()
 
     def _fail(self, status: int, message: str, retryAfter: bool = False) -> None:
-        if self.finished:
+        if self._phase is DONE:
             return
         log.warn(
             "{status} for {method} {target} from {peer}: {message}",
@@ -745,9 +923,10 @@ class ProxyExchange:
             self.server.sendError(status, message)
 
     def _finish(self) -> None:
-        if self.finished:
+        phase = self._phase
+        if phase is DONE:
             return
-        self.finished = True
+        self._phase = DONE
         self._cancelTimeout()
         self._releaseBackend()
         if self._suspects:
@@ -761,7 +940,7 @@ class ProxyExchange:
                 backends=", ".join(b.address for b in self._suspects),
             )
             self._suspects = []
-        if self.started:
+        if phase is not WAITING:
             self.forwarder.inFlight -= 1
         forwarder = self.forwarder
         accessLog = forwarder.accessLog
@@ -812,7 +991,7 @@ class ProxyExchange:
 
     def _bug(self, failure: Any) -> None:
         log.failure("unexpected error while forwarding", failure)
-        if not self.finished:
+        if self._phase is not DONE:
             self._fail(502, "internal error while forwarding")
 
 

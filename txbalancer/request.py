@@ -72,6 +72,7 @@ class Request:
         "keepAlive",
         "expectContinue",
         "upgrade",
+        "websocket",
         "teTrailers",
         "clientCert",
         "peer",
@@ -91,6 +92,7 @@ class Request:
         self.keepAlive = True
         self.expectContinue = False
         self.upgrade = False
+        self.websocket = False
         self.teTrailers = False
         self.clientCert: Optional[bytes] = None
         self.peer = ""
@@ -144,6 +146,7 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
     hosts = []
     expect = None
     upgrade = False
+    protocols: list[bytes] = []
     teTrailers = False
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
@@ -173,6 +176,7 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
             expect = value.lower()
         elif lname == b"upgrade":
             upgrade = True
+            protocols.extend(p.strip().lower() for p in value.split(b","))
         elif lname == b"te":
             teTrailers = b"trailers" in [t.strip().lower() for t in value.split(b",")]
         headers.append((name, value))
@@ -234,6 +238,17 @@ def parseHead(head: bytes, maxHeaders: int = 100) -> Request:
             raise BadRequest(417, "unsupported expectation")
         request.expectContinue = version == b"HTTP/1.1"
     request.upgrade = upgrade and b"upgrade" in tokens
+    # Only a WebSocket handshake (RFC 6455 4.1: GET, HTTP/1.1, no body) is
+    # forwarded as an upgrade.  Any other (h2c above all: a tunnel past
+    # the balancer's checks) goes on as a plain request, Upgrade removed
+    # with the other hop-by-hop headers.
+    request.websocket = (
+        request.upgrade
+        and protocols == [b"websocket"]
+        and method == b"GET"
+        and version == b"HTTP/1.1"
+        and not request.hasBody
+    )
     request.teTrailers = teTrailers and b"te" not in tokens
     return request
 

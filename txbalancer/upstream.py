@@ -11,10 +11,20 @@ One request at a time per connection.  The exchange that owns the request
 gets::
 
     exchange.upstreamContinue()                     # a 100 Continue arrived
+    exchange.upstreamInterim(status, reason, headers)  # another 1xx (103)
     exchange.responseHead(status, reason, headers, length)
     exchange.responseData(data)                     # zero or more times
+    exchange.responseTrailers(trailers)             # chunked, if it had any
     exchange.responseFinished()                     # the connection is free
     exchange.upstreamLost(reason, responseStarted)  # it broke first
+
+and, for a request sent with C{upgrade=True} that the backend answers with
+C{101}, instead of C{responseHead} and what follows::
+
+    exchange.upstreamSwitched(reason, headers, buffered)
+
+after which the connection is never reused: it belongs to the exchange,
+which makes it side B of a L{txbalancer.tunnel.Tunnel} (L{attachTunnel}).
 """
 
 from __future__ import annotations
@@ -29,9 +39,11 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import alsoProvides
 
 from txbalancer.backend import Backend
 from txbalancer.failures import BadResponse
@@ -44,14 +56,15 @@ from txbalancer.framing import (
     parseContentLength,
 )
 from txbalancer.headers import connectionTokens
+from txbalancer.tunnel import B
 
 log = Logger()
 
 MAX_HEAD = 64 * 1024
 
 
-# Response parser states.
-_IDLE, _HEAD, _BODY, _UNTIL_CLOSE, _CHUNKED = range(5)
+# Response parser states; _TUNNEL: switched protocols, part of a tunnel.
+_IDLE, _HEAD, _BODY, _UNTIL_CLOSE, _CHUNKED, _TUNNEL = range(6)
 
 
 class UpstreamConnection(Protocol):
@@ -80,7 +93,9 @@ class UpstreamConnection(Protocol):
         self._requestSent = False
         self._chunkedRequest = False
         self._paused = False
+        self._upgrade = False
         self._decoder: Optional[ChunkedDecoder] = None
+        self.tunnel: Any = None
 
     def connectionMade(self) -> None:
         self.connected = True
@@ -89,17 +104,28 @@ class UpstreamConnection(Protocol):
     # -- the request
 
     def sendRequest(
-        self, head: bytes, exchange: Any, isHead: bool, chunked: bool
+        self,
+        head: bytes,
+        exchange: Any,
+        isHead: bool,
+        chunked: bool,
+        upgrade: bool = False,
     ) -> None:
         """
         Write a request head; the body, if any, follows through L{writeBody}
         and L{finishBody}.
+
+        @param upgrade: the request asks to switch protocols (a WebSocket
+            handshake): a C{101} is handed to the exchange, and whatever
+            else the backend answers, the connection is not reused.
         """
+        self._upgrade = upgrade
+        self._decoder = None
         self.exchange = exchange
         self._state = _HEAD
         self._buffer = b""
         self._isHead = isHead
-        self._reusable = True
+        self._reusable = not upgrade
         self._requestSent = False
         self._chunkedRequest = chunked
         self.responseStarted = False
@@ -138,7 +164,27 @@ class UpstreamConnection(Protocol):
 
     # -- the response
 
+    def attachTunnel(self, tunnel: Any) -> None:
+        """
+        From now on what the backend sends, its half-close and its leaving
+        go to C{tunnel}, as its side C{B}.
+        """
+        self.tunnel = tunnel
+        alsoProvides(self, IHalfCloseableProtocol)
+
+    def readConnectionLost(self) -> None:
+        # Only called once a tunnel is attached (IHalfCloseableProtocol).
+        if self.tunnel is not None:
+            self.tunnel.readConnectionLost(B)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
     def dataReceived(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.dataReceived(B, data)
+            return
         if self.exchange is None:
             # Nobody asked: a backend talking out of turn is not reused.
             self.pool._discard(self)
@@ -241,8 +287,14 @@ class UpstreamConnection(Protocol):
             if status == 100:
                 self.exchange.upstreamContinue()
             elif status == 101:
-                raise BadResponse("unexpected protocol switch")
-            # Other interim responses (102, 103) are not forwarded.
+                if not self._upgrade:
+                    raise BadResponse("unexpected protocol switch")
+                self._switched(reason, headers)
+            elif status != 102:
+                # 103 Early Hints and the like go to the client; 102
+                # (Processing) is deprecated and only kept the connection
+                # alive, which is the balancer's business.
+                self.exchange.upstreamInterim(status, reason, headers)
             return
 
         tokens = connectionTokens(connection)
@@ -286,6 +338,21 @@ class UpstreamConnection(Protocol):
         if self._state == _BODY and not self._remaining and self.exchange is not None:
             self._responseDone()
 
+    def _switched(self, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """
+        The backend switched protocols: stop parsing, leave the pool, and
+        hand the exchange what arrived past the 101's head.
+        """
+        exchange = self.exchange
+        self.exchange = None
+        self._state = _TUNNEL
+        self._reusable = False
+        self.pool._discard(self)
+        if self._paused:
+            self.resumeReading()
+        buffered, self._buffer = self._buffer, b""
+        exchange.upstreamSwitched(reason, headers, buffered)
+
     def _responseDone(self) -> None:
         exchange = self.exchange
         self.exchange = None
@@ -300,11 +367,18 @@ class UpstreamConnection(Protocol):
             self.pool._discard(self)
             self.transport.loseConnection()
         if exchange is not None:
+            decoder, self._decoder = self._decoder, None
+            if decoder is not None and decoder.trailers:
+                exchange.responseTrailers(decoder.trailers)
             exchange.responseFinished()
 
     def connectionLost(self, reason: Any = None) -> None:
         self.connected = False
         self.pool._connectionLost(self)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.connectionLost(B, reason)
+            return
         exchange = self.exchange
         self.exchange = None
         if exchange is None:
