@@ -43,6 +43,7 @@ from txbalancer.framing import (
     parseContentLength,
 )
 from txbalancer.headers import connectionTokens
+from txbalancer.writethrough import writerFor
 
 log = Logger()
 
@@ -85,9 +86,11 @@ class UpstreamConnection(Protocol):
         self._chunkedRequest = False
         self._paused = False
         self._decoder: Optional[ChunkedDecoder] = None
+        self._write: Any = lambda data: self.transport.write(data)
 
     def connectionMade(self) -> None:
         self.connected = True
+        self._write = writerFor(self.transport)
         self.pool._connections.add(self)
 
     # -- the request
@@ -107,17 +110,17 @@ class UpstreamConnection(Protocol):
         self._requestSent = False
         self._chunkedRequest = chunked
         self.responseStarted = False
-        self.transport.write(head)
+        self._write(head)
 
     def writeBody(self, data: bytes) -> None:
         if self._chunkedRequest:
-            self.transport.writeSequence([b"%x\r\n" % (len(data),), data, CRLF])
+            self._write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            self.transport.write(data)
+            self._write(data)
 
     def finishBody(self) -> None:
         if self._chunkedRequest:
-            self.transport.write(b"0\r\n\r\n")
+            self._write(b"0\r\n\r\n")
         self._requestSent = True
 
     # -- flow control, for the exchange
