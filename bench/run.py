@@ -920,6 +920,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--no-json", action="store_true", help="do not save results JSON")
     args = p.parse_args(argv)
+    args.argv = argv
     if args.quick:
         args.duration, args.warmup = 3, 1
     args.cases = ALL_CASES if args.case == "all" else [
@@ -1256,7 +1257,7 @@ def run_case(args, case: Case) -> tuple[list[Result], int]:
         meta = {
             "started": started.isoformat(timespec="seconds"),
             "case": args.case,
-            "argv": argv,
+            "argv": args.argv,
             "duration": args.duration,
             "warmup": args.warmup,
             "connections": args.connections,
