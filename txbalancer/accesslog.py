@@ -120,24 +120,47 @@ class ThreadedFileWriter:
         self._queue.put(self._CLOSE)
         self._thread.join(timeout)
 
+    # After each batch the thread waits this long before taking the next,
+    # so lines go out in batches and the reactor's thread is not made to
+    # wake this one (and hand it the GIL) once per request: measured, that
+    # doubled the CPU time of a proxied request.
+    BATCH_INTERVAL = 0.05
+
     def _run(self) -> None:
-        f = self._file
+        get, getNow = self._queue.get, self._queue.get_nowait
         while True:
-            item = self._queue.get()
-            try:
-                if item is self._CLOSE:
-                    f.close()
-                    return
-                if item is self._REOPEN:
-                    f.close()
-                    f = self._file = self._open()
-                    continue
-                f.write(item)
-                if self._queue.empty():
-                    f.flush()
-            except OSError as e:
-                # A full disk or a vanished directory: keep going, say so.
-                sys.stderr.write(f"txbalancer: access log {self.path}: {e}\n")
+            items = [get()]
+            while True:
+                try:
+                    items.append(getNow())
+                except queue.Empty:
+                    break
+            lines: list[str] = []
+            for item in items:
+                if item is self._CLOSE or item is self._REOPEN:
+                    self._writeOut(lines)
+                    lines = []
+                    try:
+                        self._file.close()
+                        if item is self._CLOSE:
+                            return
+                        self._file = self._open()
+                    except OSError as e:
+                        sys.stderr.write(f"txbalancer: access log {self.path}: {e}\n")
+                else:
+                    lines.append(item)
+            self._writeOut(lines)
+            time.sleep(self.BATCH_INTERVAL)
+
+    def _writeOut(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        try:
+            self._file.write("".join(lines))
+            self._file.flush()
+        except (OSError, ValueError) as e:  # ValueError: the file is closed
+            # A full disk or a vanished directory: keep going, say so.
+            sys.stderr.write(f"txbalancer: access log {self.path}: {e}\n")
 
 
 class AccessLog:
