@@ -6,6 +6,7 @@ Benchmark txbalancer beside the alternatives, in one run, on 127.0.0.1.
     python bench/run.py --only direct,txbalancer,nginx
     python bench/run.py --case 64k
     python bench/run.py --case slow-backend --strategies round-robin,least-conn
+    python bench/run.py --case all           # every case but slow-backend, one run
 
 Starts three Node backends (bench/backend.js), then, one target at a time:
 starts the proxy, checks that it answers, warms it up with wrk, measures it
@@ -19,19 +20,23 @@ balancer is started with the twistd next to sys.executable.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import http.client
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -44,6 +49,7 @@ SMALL_BODY = b"hello world!\n"
 ALL_TARGETS = [
     "direct",
     "txbalancer",
+    "txbalancer-pypy",
     "reverseproxy",
     "node",
     "node-keepalive",
@@ -51,12 +57,38 @@ ALL_TARGETS = [
     "haproxy",
 ]
 ALL_STRATEGIES = ["round-robin", "least-conn", "p2c", "least-time"]
+
+
+@dataclass(frozen=True)
+class Case:
+    size: int = 0  # response size in bytes, 0 = the small body
+    slow_ms: int = 0  # delay of the last backend
+    close: bool = False  # wrk sends Connection: close (a new connection per request)
+    tls: bool = False  # the proxy terminates TLS; wrk speaks https
+    connections: int | None = None  # wrk -c, instead of --connections
+    targets: tuple[str, ...] | None = None  # the targets that run, None = all
+    about: str = ""
+
+
+_PROXIES = ("txbalancer", "txbalancer-pypy", "node-keepalive", "nginx", "haproxy")
+_TLS = ("txbalancer", "txbalancer-pypy", "nginx", "haproxy")
 CASES = {
-    # name: (response size in bytes, 0 = the small body; delay of one backend in ms)
-    "small": (0, 0),
-    "64k": (65536, 0),
-    "slow-backend": (0, 50),
+    "small": Case(about="13-byte responses, keep-alive"),
+    "close": Case(close=True, about="13-byte responses, Connection: close"),
+    "64k": Case(size=65536, about="64 KiB responses, keep-alive"),
+    "1m": Case(size=1024 * 1024, about="1 MiB responses, keep-alive"),
+    "c1000": Case(connections=1000, targets=_PROXIES,
+                  about="13-byte responses, 1,000 keep-alive clients"),
+    "c10000": Case(connections=10000, targets=_PROXIES,
+                   about="13-byte responses, 10,000 keep-alive clients"),
+    "tls-handshake": Case(tls=True, close=True, targets=_TLS,
+                          about="TLS, a new connection (full handshake) per request"),
+    "tls-keepalive": Case(tls=True, targets=_TLS,
+                          about="TLS, 13-byte responses, keep-alive"),
+    "slow-backend": Case(slow_ms=50, about="one backend adds 50 ms"),
 }
+ALL_CASES = ["small", "close", "64k", "1m", "c1000", "c10000",
+             "tls-handshake", "tls-keepalive"]
 
 
 def log(message: str) -> None:
@@ -134,6 +166,25 @@ class Proc:
         finally:
             self._logfile.close()
 
+    def rss_kib(self) -> int:
+        """Resident memory of every live process in our process group, KiB."""
+        total = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+                if int(stat[stat.rindex(")") + 2 :].split()[2]) != self.popen.pid:
+                    continue
+                with open(f"/proc/{entry}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1])
+            except (OSError, ValueError):
+                continue
+        return total
+
     def cpu_seconds(self) -> float:
         """user+system CPU time of every live process in our process group."""
         ticks = os.sysconf("SC_CLK_TCK")
@@ -156,10 +207,19 @@ class Proc:
 # ---------------------------------------------------------------- HTTP checks
 
 
+def _connection(port: int, timeout: float, tls: bool) -> http.client.HTTPConnection:
+    if tls:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return http.client.HTTPSConnection(HOST, port, timeout=timeout, context=ctx)
+    return http.client.HTTPConnection(HOST, port, timeout=timeout)
+
+
 def http_get(
-    port: int, path: str = "/", timeout: float = 5.0
+    port: int, path: str = "/", timeout: float = 5.0, tls: bool = False
 ) -> tuple[int, bytes, dict]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    conn = _connection(port, timeout, tls)
     try:
         conn.request("GET", path, headers={"Connection": "close"})
         resp = conn.getresponse()
@@ -169,7 +229,9 @@ def http_get(
         conn.close()
 
 
-def wait_ready(proc: Proc | None, port: int, expect_len: int, timeout: float) -> None:
+def wait_ready(
+    proc: Proc | None, port: int, expect_len: int, timeout: float, tls: bool = False
+) -> None:
     """Wait until GET / answers 200 with the expected body length."""
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -182,7 +244,7 @@ def wait_ready(proc: Proc | None, port: int, expect_len: int, timeout: float) ->
                 + textwrap.indent(tail, "    ")
             )
         try:
-            status, body, _ = http_get(port, timeout=2.0)
+            status, body, _ = http_get(port, timeout=2.0, tls=tls)
         except (OSError, http.client.HTTPException) as e:
             last = f"{type(e).__name__}: {e}"
         else:
@@ -194,14 +256,14 @@ def wait_ready(proc: Proc | None, port: int, expect_len: int, timeout: float) ->
     raise Failed(f"not ready after {timeout:.0f}s (last: {last}){tail}")
 
 
-def probe_keepalive(port: int) -> dict:
+def probe_keepalive(port: int, tls: bool = False) -> dict:
     """
     Two requests on one HTTP/1.1 connection, as wrk sends them: does the
     proxy keep the client connection open, and what Connection header does it
     send back?
     """
     result = {"client_keepalive": None, "connection_header": None}
-    conn = http.client.HTTPConnection(HOST, port, timeout=5)
+    conn = _connection(port, 5, tls)
     try:
         conn.request("GET", "/")
         resp = conn.getresponse()
@@ -266,8 +328,10 @@ def run_wrk(args, port: int, seconds: float) -> tuple[dict, str]:
         f"-d{max(1, round(seconds))}s",
         f"--timeout={args.wrk_timeout}s",
         "--latency",
-        f"http://{HOST}:{port}/",
     ]
+    if args.close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"{'https' if args.tls else 'http'}://{HOST}:{port}/")
     try:
         out = subprocess.run(
             argv,
@@ -349,7 +413,9 @@ class Target:
     upstream_port: int | None = None  # for "direct": measure this port
 
 
-def twistd_command(args) -> list[str]:
+def twistd_command(args, pypy: bool = False) -> list[str]:
+    if pypy:
+        return [args.pypy_twistd]
     if args.twistd:
         return [args.twistd]
     beside = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -358,19 +424,26 @@ def twistd_command(args) -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
-def balancer_target(args, backends: Backends, strategy: str | None) -> Target:
+def balancer_target(
+    args, backends: Backends, strategy: str | None, pypy: bool = False
+) -> Target:
     def start(workdir: str, port: int) -> list[Proc]:
         path = os.path.join(workdir, "backends.txt")
         with open(path, "w") as f:
             f.write("# generated by bench/run.py\n")
             f.writelines(address + "\n" for address in backends.addresses())
-        argv = twistd_command(args) + [
+        if args.tls:
+            listen = ["--tls", f"{port}:cert={args.cert}:key={args.key}:interface={HOST}"]
+        else:
+            # Twisted's default listen backlog (50) drops SYNs under 10,000
+            # clients connecting at once; nginx's default is 511.
+            listen = ["--port", f"tcp:{port}:interface={HOST}:backlog=4096"]
+        argv = twistd_command(args, pypy) + [
             "-n",
             "--pidfile",
             os.path.join(workdir, "twistd.pid"),
             "balancer",
-            "--port",
-            f"tcp:{port}:interface={HOST}",
+            *listen,
             "--backends",
             path,
         ]
@@ -379,9 +452,13 @@ def balancer_target(args, backends: Backends, strategy: str | None) -> Target:
         if args.workers != 1:
             argv += ["--workers", str(args.workers)]
         name = "txbalancer" if strategy is None else f"txbalancer-{strategy}"
+        if pypy:
+            name += "-pypy"
         return [Proc(name, argv, workdir)]
 
     name = "txbalancer" if strategy is None else f"txbalancer ({strategy})"
+    if pypy:
+        return Target(name + " on PyPy", "txbalancer-pypy", start)
     return Target(name, "txbalancer", start)
 
 
@@ -433,8 +510,9 @@ def nginx_target(args, backends: Backends, least_conn: bool = False) -> Target:
                 worker_processes 1;
                 pid {workdir}/nginx.pid;
                 error_log {workdir}/nginx-error.log warn;
+                worker_rlimit_nofile {args.nofile};
                 events {{
-                    worker_connections 4096;
+                    worker_connections {args.nofile - 100};
                 }}
                 http {{
                     access_log off;
@@ -451,7 +529,10 @@ def nginx_target(args, backends: Backends, least_conn: bool = False) -> Target:
                         keepalive_requests 1000000;
                     }}
                     server {{
-                        listen {HOST}:{port};
+                        listen {HOST}:{port} backlog=4096{" ssl" if args.tls else ""};
+                        {f"ssl_certificate {args.cert};" if args.tls else ""}
+                        {f"ssl_certificate_key {args.key};" if args.tls else ""}
+                        ssl_protocols TLSv1.2 TLSv1.3;
                         location / {{
                             proxy_pass http://backends;
                             proxy_http_version 1.1;
@@ -488,7 +569,7 @@ def haproxy_target(args, backends: Backends, leastconn: bool = False) -> Target:
                 # generated by bench/run.py
                 global
                     nbthread 1
-                    maxconn 4096
+                    maxconn {max(1000, (args.nofile - 100) // 2)}
                 defaults
                     mode http
                     timeout connect 3s
@@ -497,7 +578,7 @@ def haproxy_target(args, backends: Backends, leastconn: bool = False) -> Target:
                     option http-keep-alive
                     http-reuse always
                 frontend fe
-                    bind {HOST}:{port}
+                    bind {HOST}:{port}{f" ssl crt {args.pem}" if args.tls else ""}
                     default_backend be
                 backend be
                     balance {"leastconn" if leastconn else "roundrobin"}
@@ -543,6 +624,9 @@ class Result:
     connection_header: str | None = None
     upstream_connections: int | None = None
     upstream_requests: list | None = None
+    rss_start_kib: int | None = None
+    rss_peak_kib: int | None = None
+    connections: int | None = None
     note: str = ""
     wrk_output: str = ""
 
@@ -560,9 +644,15 @@ def measure(
             port = free_port()
             procs = target.start(workdir, port)
         wait_ready(
-            procs[0] if procs else None, port, expect_len, timeout=args.start_timeout
+            procs[0] if procs else None,
+            port,
+            expect_len,
+            timeout=args.start_timeout,
+            tls=args.tls,
         )
-        probe = probe_keepalive(port)
+        result.connections = args.connections
+        rss_start = sum(p.rss_kib() for p in procs)
+        probe = probe_keepalive(port, tls=args.tls)
         result.client_keepalive = probe.get("client_keepalive")
         result.connection_header = probe.get("connection_header")
         if args.warmup > 0:
@@ -570,8 +660,28 @@ def measure(
         before = backends.stats()
         cpu_before = sum(p.cpu_seconds() for p in procs)
         t0 = time.monotonic()
-        parsed, output = run_wrk(args, port, args.duration)
+        # wrk runs in a thread while the proxy's RSS is sampled.
+        done: dict = {}
+
+        def wrk() -> None:
+            try:
+                done["out"] = run_wrk(args, port, args.duration)
+            except Failed as e:
+                done["error"] = e
+
+        thread = threading.Thread(target=wrk, daemon=True)
+        thread.start()
+        peak = 0
+        while thread.is_alive():
+            if procs:
+                peak = max(peak, sum(p.rss_kib() for p in procs))
+            thread.join(0.5)
+        if "error" in done:
+            raise done["error"]
+        parsed, output = done["out"]
         elapsed = time.monotonic() - t0
+        if procs:
+            result.rss_start_kib, result.rss_peak_kib = rss_start, peak
         cpu_after = sum(p.cpu_seconds() for p in procs)
         after = backends.stats()
         for p in procs:
@@ -618,6 +728,13 @@ def _ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}x"
 
 
+def _perConn(r: Result) -> str:
+    """(peak RSS under load - RSS before the warm-up) / connections."""
+    if r.rss_peak_kib is None or r.rss_start_kib is None or not r.connections:
+        return "-"
+    return f"{max(0, r.rss_peak_kib - r.rss_start_kib) / r.connections:.1f}"
+
+
 def table_rows(
     results: list[Result], base: Result | None, slow: bool = False
 ) -> tuple[list[str], list[list[str]]]:
@@ -627,9 +744,12 @@ def table_rows(
         "target",
         "req/s",
         "vs txb",
+        "p50 ms",
         "p99 ms",
         "vs txb",
         "proxy CPU",
+        "proxy RSS MiB",
+        "KiB per conn",
         "client keep-alive",
         "req per upstream conn",
         "errors",
@@ -665,9 +785,12 @@ def table_rows(
             name,
             _fmt(r.rps, ".0f"),
             _ratio(r.rps, base_rps),
+            _fmt(r.p50_ms, ".2f"),
             _fmt(r.p99_ms, ".2f"),
             _ratio(r.p99_ms, base_p99),
             "-" if r.cpu_percent is None else f"{r.cpu_percent:.0f}%",
+            "-" if r.rss_peak_kib is None else f"{r.rss_peak_kib / 1024:.0f}",
+            _perConn(r),
             ka,
             per_conn,
             ", ".join(errors) or "none",
@@ -749,10 +872,9 @@ def parse_args(argv: list[str]):
     )
     p.add_argument(
         "--case",
-        choices=sorted(CASES),
         default="small",
-        help="small: 13-byte responses; 64k: 64 KiB responses; "
-        "slow-backend: one of the backends adds 50 ms, compares strategies",
+        help="comma-separated cases, or 'all' (" + ",".join(ALL_CASES) + "): "
+        + "; ".join(f"{name}: {c.about}" for name, c in CASES.items()),
     )
     p.add_argument(
         "--duration", type=float, default=10, help="seconds measured per target"
@@ -794,11 +916,23 @@ def parse_args(argv: list[str]):
         default=None,
         help="twistd to run the balancer with (default: the one next to this Python)",
     )
+    p.add_argument(
+        "--pypy-twistd",
+        default=os.path.join(ROOT, ".pypyvenv", "bin", "twistd"),
+        help="twistd of a PyPy venv with txbalancer installed, for txbalancer-pypy",
+    )
     p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--no-json", action="store_true", help="do not save results JSON")
     args = p.parse_args(argv)
+    args.argv = argv
     if args.quick:
         args.duration, args.warmup = 3, 1
+    args.cases = ALL_CASES if args.case == "all" else [
+        x for x in args.case.split(",") if x
+    ]
+    for name in args.cases:
+        if name not in CASES:
+            p.error(f"unknown case {name!r}; known: {', '.join(CASES)}, all")
     args.only = [x for x in args.only.split(",") if x]
     args.skip = [x for x in args.skip.split(",") if x]
     for name in args.only + args.skip:
@@ -819,6 +953,38 @@ def parse_args(argv: list[str]):
     return args
 
 
+def raise_fd_limit(wanted: int = 65536) -> int:
+    """Raise RLIMIT_NOFILE (inherited by every process we start) for 10,000 clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+        except (ValueError, OSError):
+            wanted = hard
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
+
+
+def make_certificate(root: str) -> tuple[str, str, str]:
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1: cert, key, cert+key."""
+    cert, key, pem = (os.path.join(root, n) for n in ("cert.pem", "key.pem", "both.pem"))
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+         "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", cert,
+         "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    with open(pem, "wb") as out:
+        for path in (cert, key):
+            with open(path, "rb") as f:
+                out.write(f.read())
+    return cert, key, pem
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if not args.wrk:
@@ -827,8 +993,90 @@ def main(argv: list[str]) -> int:
     if not args.node:
         log("node is not installed; the backends are Node servers, cannot run")
         return 2
-    wanted = lambda key: (not args.only or key in args.only) and key not in args.skip
-    size, slow_ms = CASES[args.case]
+    limit = args.nofile = raise_fd_limit()
+    if any(CASES[c].connections for c in args.cases):
+        log(f"open files limit (ulimit -n) for this run: {limit}")
+    certroot = tempfile.mkdtemp(prefix="txbalancer-bench-tls-")
+    try:
+        if any(CASES[c].tls for c in args.cases):
+            args.cert, args.key, args.pem = make_certificate(certroot)
+        status = 0
+        summary = []
+        for name in args.cases:
+            a = copy.copy(args)
+            case = CASES[name]
+            a.case = name
+            a.close, a.tls = case.close, case.tls
+            a.connections = case.connections or args.connections
+            results, code = run_case(a, case)
+            summary.append((name, a, results))
+            status = max(status, code)
+        if len(summary) > 1:
+            print_summary(args, summary)
+        return status
+    finally:
+        shutil.rmtree(certroot, ignore_errors=True)
+
+
+SUMMARY_TARGETS = [
+    ("txbalancer", "txbalancer (CPython)"),
+    ("txbalancer-pypy", "txbalancer (PyPy)"),
+    ("node-keepalive", "Node http-proxy, keep-alive agent"),
+    ("reverseproxy", "ReverseProxyResource"),
+    ("haproxy", "HAProxy"),
+    ("nginx", "nginx"),
+]
+
+
+def print_summary(args, summary) -> None:
+    """One table over every case: req/s with the ratio to nginx, then p50/p99."""
+    header = ["case"] + [label for _, label in SUMMARY_TARGETS]
+    rps_rows, lat_rows, mem_rows = [], [], []
+    for name, a, results in summary:
+        by = {r.key: r for r in results if r.ok}
+        nginx = by.get("nginx")
+        label = f"{name} (-c{a.connections})"
+        rps, lat, mem = [label], [label], [label]
+        for key, _ in SUMMARY_TARGETS:
+            r = by.get(key)
+            if r is None:
+                rps.append("-")
+                lat.append("-")
+                mem.append("-")
+                continue
+            ratio = f" ({r.rps / nginx.rps:.2f}x)" if nginx and nginx.rps else ""
+            errors = r.non_2xx + sum((r.socket_errors or {}).values())
+            rps.append(f"{r.rps:.0f}{ratio}" + ("*" if errors else ""))
+            lat.append(f"{_fmt(r.p50_ms, '.1f')} / {_fmt(r.p99_ms, '.1f')}")
+            mem.append(
+                "-" if r.rss_peak_kib is None
+                else f"{r.rss_peak_kib / 1024:.0f} MiB, {_perConn(r)} KiB/conn"
+            )
+        rps_rows.append(rps)
+        lat_rows.append(lat)
+        mem_rows.append(mem)
+    print()
+    print(f"SUMMARY: wrk -t{args.threads}, -d{args.duration:g}s after {args.warmup:g}s "
+          f"of warm-up, {args.backends} Node backends, {os.cpu_count()} CPUs")
+    for title, rows in (
+        ("requests/s (ratio to nginx; * = wrk saw errors)", rps_rows),
+        ("latency p50 / p99, ms", lat_rows),
+        ("proxy peak RSS; (peak - RSS before warm-up) / connections", mem_rows),
+    ):
+        print()
+        print(title)
+        print()
+        print(rst_table(header, rows))
+    print()
+
+
+def run_case(args, case: Case) -> tuple[list[Result], int]:
+    wanted = lambda key: (
+        (not args.only or key in args.only)
+        and key not in args.skip
+        and (case.targets is None or key in case.targets)
+    )
+    size, slow_ms = case.size, case.slow_ms
     expect_len = size or len(SMALL_BODY)
 
     node_problem = None
@@ -848,8 +1096,9 @@ def main(argv: list[str]) -> int:
             "this machine will skew the numbers"
         )
     log(
-        f"case {args.case}: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s "
-        f"(warm-up {args.warmup:g}s), {args.backends} Node backends, work dir {root}"
+        f"case {args.case} ({case.about}): wrk -t{args.threads} -c{args.connections} "
+        f"-d{args.duration:g}s (warm-up {args.warmup:g}s), {args.backends} Node "
+        f"backends, work dir {root}"
     )
     try:
         backends = start_backends(args, root, size, slow_ms)
@@ -882,6 +1131,16 @@ def main(argv: list[str]) -> int:
                 add("txbalancer", lambda s=strategy: balancer_target(args, backends, s))
         else:
             add("txbalancer", lambda: balancer_target(args, backends, None))
+            pypy_missing = (
+                None if os.path.exists(args.pypy_twistd)
+                else f"no PyPy twistd at {args.pypy_twistd} (--pypy-twistd)"
+            )
+            add(
+                "txbalancer-pypy",
+                lambda: balancer_target(args, backends, None, pypy=True),
+                pypy_missing,
+                "txbalancer on PyPy",
+            )
         add("reverseproxy", lambda: reverseproxy_target(args, backends))
         add(
             "node",
@@ -1002,7 +1261,7 @@ def main(argv: list[str]) -> int:
         meta = {
             "started": started.isoformat(timespec="seconds"),
             "case": args.case,
-            "argv": argv,
+            "argv": args.argv,
             "duration": args.duration,
             "warmup": args.warmup,
             "connections": args.connections,
@@ -1013,6 +1272,9 @@ def main(argv: list[str]) -> int:
             "platform": platform.platform(),
             "python": sys.version.split()[0] + " " + platform.python_implementation(),
             "twistd": " ".join(twistd_command(args)),
+            "pypy_twistd": args.pypy_twistd,
+            "close": args.close,
+            "tls": args.tls,
             "versions": {
                 "node": version_of([args.node, "--version"]),
                 "wrk": version_of([args.wrk, "--version"]),
@@ -1035,7 +1297,7 @@ def main(argv: list[str]) -> int:
             )
         print(f"results saved to {os.path.relpath(path)}")
     base_failed = base is not None and not base.ok
-    return 1 if base_failed else 0
+    return results, 1 if base_failed else 0
 
 
 if __name__ == "__main__":

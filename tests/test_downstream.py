@@ -476,6 +476,33 @@ class ResponseFramingTests(ServerMixin, SynchronousTestCase):
             b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 5\r\n\r\nhello",
         )
 
+    def test_small_response_head_waits_for_its_body(self) -> None:
+        """The head of a small response with a body leaves with the body's
+        first bytes, in one write."""
+        self.request()
+        self.proto.startResponse(200, b"OK", [], 5)
+        self.assertEqual(self.transport.value(), b"")
+        self.proto.writeBody(b"hello")
+        self.assertEqual(
+            self.transport.value(), b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+        )
+
+    def test_large_or_unknown_length_head_leaves_at_once(self) -> None:
+        """A head for an unknown-length or larger-than-64-KiB body is written at once."""
+        for length in (None, 1024 * 1024):
+            self.request()
+            self.proto.startResponse(200, b"OK", [], length)
+            self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+
+    def test_held_head_is_not_lost_without_body(self) -> None:
+        """A held head still goes out if the response finishes without body bytes."""
+        self.request()
+        self.proto.startResponse(200, b"OK", [], 5)
+        self.proto.finishResponse()
+        self.assertEqual(
+            self.transport.value(), b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+        )
+
     def test_chunked_for_unknown_length(self) -> None:
         """An unknown length to an HTTP/1.1 client is chunked, and the connection stays open."""
         self.request()

@@ -29,6 +29,9 @@ from txbalancer.testing import FakeTransport, InMemoryBalancer, RecordingHandler
 AUTHORITY = b"app.example"
 
 
+_H2_VERSION = tuple(int(x) for x in h2.__version__.split(".")[:2])
+
+
 class H2Client:
     """
     An h2 client state machine talking to an L{H2ProxyConnection} over a
@@ -352,11 +355,21 @@ def test_contentLengthTooLarge(balancer):
 def test_connectIsRefused(balancer):
     """Extended CONNECT and other malformed requests never reach a backend."""
     client = H2Client(balancer)
+    # Some h2 releases (4.3) refuse to send a CONNECT without :path; the
+    # client here sends it as written, it is the server that is under test.
+    client.conn.config.validate_outbound_headers = False
     sid = client.conn.get_next_available_stream_id()
     client.conn.send_headers(sid, [(b":method", b"CONNECT"),
                                    (b":authority", b"x:443")], end_stream=True)
     client.flush()
-    assert client.response(sid)[0][b":status"] == b"501"
+    if _H2_VERSION[:2] == (4, 3):
+        # h2 4.3 (the newest for PyPy's Python 3.9) itself refuses a CONNECT
+        # without :path, before the balancer sees it: GOAWAY PROTOCOL_ERROR.
+        goaways = [e for e in client.events
+                   if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaways[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    else:
+        assert client.response(sid)[0][b":status"] == b"501"
     assert not balancer.pendingConnects()
 
 

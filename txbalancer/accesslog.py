@@ -33,7 +33,6 @@ from twisted.logger import Logger
 log = Logger()
 
 # At most this many characters of lines go in one write().
-_BATCH = 65536
 
 _MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 FORMATS = ("combined", "json")
@@ -126,29 +125,47 @@ class ThreadedFileWriter:
         self._queue.put(self._CLOSE)
         self._thread.join(timeout)
 
+    # After each batch the thread waits this long before taking the next,
+    # so lines go out in batches and the reactor's thread is not made to
+    # wake this one (and hand it the GIL) once per request: measured, that
+    # doubled the CPU time of a proxied request.
+    BATCH_INTERVAL = 0.05
+
     def _run(self) -> None:
-        f = self._file
-        pending: list[str] = []
-        size = 0
+        get, getNow = self._queue.get, self._queue.get_nowait
         while True:
-            item = self._queue.get()
-            try:
+            items = [get()]
+            while True:
+                try:
+                    items.append(getNow())
+                except queue.Empty:
+                    break
+            lines: list[str] = []
+            for item in items:
                 if item is self._CLOSE or item is self._REOPEN:
-                    lines, pending, size = pending, [], 0
-                    self._writeLines(f, lines)
-                    f.close()
-                    if item is self._CLOSE:
-                        return
-                    f = self._file = self._open()
-                    continue
-                pending.append(item)
-                size += len(item)
-                if size >= _BATCH or self._queue.empty():
-                    lines, pending, size = pending, [], 0
-                    self._writeLines(f, lines)
-            except OSError as e:
-                # A full disk or a vanished directory: keep going, say so.
-                sys.stderr.write(f"txbalancer: access log {self.path}: {e}\n")
+                    self._writeOut(lines)
+                    lines = []
+                    try:
+                        self._file.close()
+                        if item is self._CLOSE:
+                            return
+                        self._file = self._open()
+                    except OSError as e:
+                        sys.stderr.write(f"txbalancer: access log {self.path}: {e}\n")
+                else:
+                    lines.append(item)
+            self._writeOut(lines)
+            time.sleep(self.BATCH_INTERVAL)
+
+    def _writeOut(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        try:
+            # One write() per batch of whole lines, unbuffered (see _open).
+            self._writeLines(self._file, lines)
+        except (OSError, ValueError) as e:  # ValueError: the file is closed
+            # A full disk or a vanished directory: keep going, say so.
+            sys.stderr.write(f"txbalancer: access log {self.path}: {e}\n")
 
     @staticmethod
     def _writeLines(f: Any, lines: list[str]) -> None:

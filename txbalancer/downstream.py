@@ -47,6 +47,7 @@ from txbalancer.interfaces import IDownstream, IFrontEndConnection, IHTTP11Downs
 from txbalancer.limits import ConnectionLimits, RefusedConnection
 from txbalancer.request import BadRequest, Request, parseHead
 from txbalancer.tunnel import A
+from txbalancer.writethrough import writerFor
 
 __all__ = [
     "BadRequest",
@@ -62,6 +63,11 @@ log = Logger()
 
 # Parser states; _TUNNEL: the connection was handed to a tunnel.
 _HEAD, _BODY, _CHUNKED, _DONE, _TUNNEL = range(5)
+
+# The head of a response with a body of at most this many bytes waits for
+# the body's first bytes, so head and body leave in one send (a small body
+# arrives from the backend in the same read as its head).
+HOLD_HEAD_LIMIT = 64 * 1024
 
 
 @implementer(IDownstream, IHTTP11Downstream, IFrontEndConnection, IPushProducer)
@@ -120,6 +126,8 @@ class HTTPServerProtocol(Protocol):
         self._clientCert: Any = False
         self._trailers: Optional[list[tuple[bytes, bytes]]] = None
         self.tunnel: Any = None
+        self._heldHead = b""
+        self._write: Callable[[bytes], None] = self._writeLater
         self.peer = ""
         self.addresses: Any = None
         self.secure = False
@@ -140,6 +148,7 @@ class HTTPServerProtocol(Protocol):
     def connectionMade(self) -> None:
         factory = self.factory
         factory.connections.add(self)
+        self._write = writerFor(self.transport)
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", "") or ""
         self.addresses = (peer, self.transport.getHost())
@@ -654,15 +663,27 @@ class HTTPServerProtocol(Protocol):
         elif not http11:
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(CRLF)
-        self.transport.write(b"".join(lines))
+        if bodyAllowed and length and length <= HOLD_HEAD_LIMIT:
+            self._heldHead = b"".join(lines)
+        else:
+            self._write(b"".join(lines))
+
+    def _writeLater(self, data: bytes) -> None:
+        # Before connectionMade: the transport's own write.
+        self.transport.write(data)
 
     def writeBody(self, data: bytes) -> None:
         if not self._bodyAllowed or not data:
             return
-        if self._chunkedResponse:
-            self.transport.writeSequence([b"%x\r\n" % (len(data),), data, CRLF])
+        held = self._heldHead
+        if held:
+            self._heldHead = b""
+            # A held head has a Content-Length: never chunked.
+            self._write(held + data)
+        elif self._chunkedResponse:
+            self._write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            self.transport.write(data)
+            self._write(data)
 
     def respond(
         self,
@@ -676,8 +697,7 @@ class HTTPServerProtocol(Protocol):
         responses.
         """
         self.startResponse(status, reason, headers, len(body))
-        if body and self._bodyAllowed:
-            self.transport.write(body)
+        self.writeBody(body)
         self.finishResponse()
 
     def finishResponse(self) -> None:
@@ -685,16 +705,22 @@ class HTTPServerProtocol(Protocol):
         The response is complete: end its framing, then either wait for the
         next request on this connection or close it.
         """
+        held = self._heldHead
+        if held:
+            # No body came after all (the exchange would have aborted
+            # otherwise): the head still goes out.
+            self._heldHead = b""
+            self._write(held)
         if self._chunkedResponse and self._bodyAllowed:
             trailers, self._trailers = self._trailers, None
             if trailers:
-                self.transport.write(
+                self._write(
                     b"0\r\n"
                     + b"".join(n + b": " + v + CRLF for n, v in trailers)
                     + CRLF
                 )
             else:
-                self.transport.write(b"0\r\n\r\n")
+                self._write(b"0\r\n\r\n")
         self._trailers = None
         self._exchange = None
         self._request = None
@@ -731,6 +757,7 @@ class HTTPServerProtocol(Protocol):
         it got for the whole, so the connection is aborted.
         """
         self._exchange = None
+        self._heldHead = b""
         if not self._disconnected:
             self._disconnected = True
             self.transport.abortConnection()

@@ -778,6 +778,15 @@ class H2ProxyConnection(H2Connection):
             )
             self._terminate(Failure(ConnectionError("too many stream resets")))
 
+    if not hasattr(H2Connection, "_terminate"):
+        # Twisted before 26 (25.5 is the newest for PyPy's Python 3.9) has
+        # no _terminate: this is the teardown its dataReceived does inline
+        # on a protocol error (control data flushed, then the close).
+        def _terminate(self, reason: Failure) -> None:
+            if self._tryToWriteControlData():
+                self.transport.loseConnection()
+                self.connectionLost(reason, _cancelTimeouts=False)
+
 
 class _ProducerTransport:
     """

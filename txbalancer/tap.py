@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import sys
+
+from twisted import version as _twistedVersion
 from twisted.python import usage
 
 from txbalancer import __version__
@@ -79,6 +82,20 @@ class Options(usage.Options):
     )
 
     optParameters, optFlags = _parameters()
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            if _twistedVersion.major >= 26 or getattr(self, "parent", None) is None:
+                raise  # twistd prints it and exits with status 1; or not twistd
+            # twistd before Twisted 26 (25.5 is the newest on PyPy's Python
+            # 3.9) prints a usage error and exits 0, and a service manager
+            # would take a mistyped option for a clean stop: the same
+            # message, and status 1.
+            print(self)
+            print(f"{' '.join(sys.argv[0:2])}: {e}")
+            raise SystemExit(1)
 
     def __init__(self) -> None:
         usage.Options.__init__(self)

@@ -57,6 +57,7 @@ from txbalancer.framing import (
 )
 from txbalancer.headers import connectionTokens
 from txbalancer.tunnel import B
+from txbalancer.writethrough import writerFor
 
 log = Logger()
 
@@ -96,9 +97,11 @@ class UpstreamConnection(Protocol):
         self._upgrade = False
         self._decoder: Optional[ChunkedDecoder] = None
         self.tunnel: Any = None
+        self._write: Any = lambda data: self.transport.write(data)
 
     def connectionMade(self) -> None:
         self.connected = True
+        self._write = writerFor(self.transport)
         self.pool._connections.add(self)
 
     # -- the request
@@ -129,17 +132,17 @@ class UpstreamConnection(Protocol):
         self._requestSent = False
         self._chunkedRequest = chunked
         self.responseStarted = False
-        self.transport.write(head)
+        self._write(head)
 
     def writeBody(self, data: bytes) -> None:
         if self._chunkedRequest:
-            self.transport.writeSequence([b"%x\r\n" % (len(data),), data, CRLF])
+            self._write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            self.transport.write(data)
+            self._write(data)
 
     def finishBody(self) -> None:
         if self._chunkedRequest:
-            self.transport.write(b"0\r\n\r\n")
+            self._write(b"0\r\n\r\n")
         self._requestSent = True
 
     # -- flow control, for the exchange

@@ -22,7 +22,7 @@ from txbalancer.tls.config import (
     loadCertificate,
     parseTLSListener,
 )
-from txbalancer.tls.contexts import ServerTLS, peerCertificateSubject
+from txbalancer.tls.contexts import ServerTLS, groupsSettable, peerCertificateSubject
 from txbalancer.tls.endpoint import TLSServerEndpoint, tlsServerEndpoint
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "TLSConfigError",
     "TLSServerEndpoint",
     "certificateNames",
+    "groupsSettable",
     "loadCertificate",
     "parseTLSListener",
     "peerCertificateSubject",

@@ -73,7 +73,28 @@ GROUPS = "X25519:P-256:P-384"
 SESSION_ID_CONTEXT = b"txbalancer"
 
 
+def groupsSettable() -> bool:
+    """
+    Whether this pyOpenSSL can set the list of key exchange groups.  The
+    releases PyPy 3.9 gets (pyOpenSSL < 25.2 on cryptography < 44) cannot:
+    there the one curve C{set_tmp_ecdh} allows, P-256, is all that is offered
+    (no X25519, no P-384), rather than OpenSSL's wider default list.
+    """
+    if getattr(SSL.Context, "set_groups", None) is not None:
+        return True
+    from OpenSSL._util import lib
+
+    return bool(
+        getattr(lib, "SSL_CTX_set1_groups_list", None)
+        or getattr(lib, "SSL_CTX_set1_curves_list", None)
+    )
+
+
+_warnedGroups = False
+
+
 def _setGroups(ctx: SSL.Context) -> None:
+    global _warnedGroups
     setGroups = getattr(ctx, "set_groups", None)
     if setGroups is not None:
         setGroups(GROUPS.split(":"))
@@ -89,6 +110,13 @@ def _setGroups(ctx: SSL.Context) -> None:
         return
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    if not _warnedGroups:
+        _warnedGroups = True
+        log.warn(
+            "this pyOpenSSL cannot set key exchange groups: TLS offers P-256 "
+            "only, not {groups} (pyOpenSSL 25.2 or later can)",
+            groups=GROUPS,
+        )
     ctx.set_tmp_ecdh(ec.SECP256R1())
     ctx.set_options(SSL.OP_SINGLE_ECDH_USE)
 
