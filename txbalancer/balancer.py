@@ -52,7 +52,7 @@ from zope.interface import implementer
 from txbalancer import settings as _settings
 from txbalancer.accesslog import AccessLog
 from txbalancer.choosers import STRATEGIES
-from txbalancer.config import ConfigError, load_secret, parse_backends
+from txbalancer.config import ConfigError, endpointError, load_secret, parse_backends
 from txbalancer.downstream import HTTPServerFactory
 from txbalancer.health import HealthChecker, OutlierDetector
 from txbalancer.interfaces import IExchange
@@ -814,11 +814,7 @@ class Balancer(MultiService):
             except ConfigError:
                 raise
             except Exception as e:  # Twisted's parsers raise what they like
-                raise ConfigError(
-                    f"--port {listener.endpoint!r}: not a usable endpoint "
-                    f"({type(e).__name__}: {e}); give a port number or an "
-                    "endpoint string such as tcp:8000:interface=127.0.0.1"
-                ) from None
+                raise endpointError(listener.endpoint, e) from None
             # -- tcp mode: the listener's mode and the PROXY headers it reads
             acceptFrom = listener.acceptProxyProtocol
             if acceptFrom is None:

@@ -366,11 +366,19 @@ def check_endpoint(description: str, option: str = "--port") -> None:
     try:
         serverFromString(MemoryReactor(), description)
     except Exception as e:  # Twisted's parsers raise what they like
-        raise ConfigError(
-            f"{option} {description!r}: not a usable endpoint "
-            f"({type(e).__name__}: {e}); give a port number or an endpoint "
-            "string such as tcp:8000:interface=127.0.0.1"
-        ) from None
+        raise endpointError(description, e, option) from None
+
+
+def endpointError(description: str, error: Exception, option: str = "--port") -> ConfigError:
+    """
+    The error for an endpoint string that Twisted's parser refused with
+    C{error}.
+    """
+    return ConfigError(
+        f"{option} {description!r}: not a usable endpoint "
+        f"({type(error).__name__}: {error}); give a port number or an endpoint "
+        "string such as tcp:8000:interface=127.0.0.1"
+    )
 
 
 def parse_cidrs(value: str, option: str = "--trusted-proxies") -> tuple[IPNetwork, ...]:
