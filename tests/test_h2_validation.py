@@ -137,17 +137,34 @@ def refusedOnStream(client, sid, status):
     assert not client.transport.disconnecting
 
 
+def _h2Version() -> tuple[int, ...]:
+    import h2
+
+    return tuple(int(part) for part in h2.__version__.split(".")[:2])
+
+
+# The table's h2Rejects column is what h2 4.4 and newer catch by itself.
+_H2_CHECKS_AS_44 = _h2Version() >= (4, 4)
+
+
 @pytest.mark.parametrize("name, headers, h2Rejects, status, http11", MALFORMED, ids=IDS)
 def test_malformedNeverForwarded(balancer, name, headers, h2Rejects, status, http11):
     """A malformed request gets GOAWAY PROTOCOL_ERROR when h2 catches it and
     an error status on its stream otherwise; no backend is ever contacted."""
     client = H2Client(balancer, lenient=True)
     sid = client.send(headers)
-    if h2Rejects:
-        assert client.goaway() == PROTOCOL_ERROR
+    # Which of these the h2 library catches itself depends on its version
+    # (PyPy's Python 3.9 has h2 4.3, which checks less, and some things
+    # differently): either it does (GOAWAY), or the balancer refuses the
+    # stream.  test_balancerAloneRefuses checks the balancer on its own.
+    expectGoaway = h2Rejects and _H2_CHECKS_AS_44
+    goaway = client.goaway()
+    if goaway is not None and (expectGoaway or not _H2_CHECKS_AS_44):
+        assert goaway == PROTOCOL_ERROR
         assert client.transport.disconnecting
         assert client.status(sid) is None
     else:
+        assert not expectGoaway, "h2 4.4 catches this one itself"
         refusedOnStream(client, sid, status)
     assert balancer.reactor.tcpClients == []
     balancer.flush()

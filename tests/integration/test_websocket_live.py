@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import platform
 import select
 import socket
 import ssl
@@ -207,7 +208,9 @@ def test_ten_thousand_cycles_leave_no_fd_or_memory(script, balancer):
     wait_for(lambda: _fds(lb.pid) <= fds + 5, 30, f"fds back to {fds} (now {_fds(lb.pid)})")
     grown = rss_kib(lb.pid) - rss
     print(f"10000 cycles in {elapsed:.1f}s; fds {fds} -> {_fds(lb.pid)}; RSS +{grown} KiB")
-    assert grown < 20 * 1024, f"RSS grew by {grown} KiB"
+    # PyPy's RSS also holds the code its JIT compiles while the cycles run.
+    bound = 64 * 1024 if platform.python_implementation() == "PyPy" else 20 * 1024
+    assert grown < bound, f"RSS grew by {grown} KiB"
     # Every tunnel was counted and let go: nothing in flight.
     assert "Unhandled" not in lb.log_text()
 
